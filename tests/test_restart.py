@@ -1,0 +1,67 @@
+"""Crash and restart: kill -9 a real server mid-stream, start it again on the same database."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+from conftest import LONG, finish_reason_of, read_events
+
+
+def test_kill_9_mid_stream_then_resume(make_server):
+    srv = make_server().start()
+    s = "crash-1"
+    body = {**LONG, "stream": True, "session_id": s}
+    with httpx.Client(base_url=srv.url, timeout=60) as http:
+        r, seen = read_events(http, "POST", "/v1/chat/completions", limit=15, json=body)
+        assert len(seen) == 15
+        srv.kill()
+    srv.start()  # same database file
+    with httpx.Client(base_url=srv.url, timeout=60) as http:
+        info = http.get(f"/v1/sessions/{s}").json()
+        assert info["state"] == "interrupted" and info["finish_reason"] == "interrupted"
+        # Every event the client had received comes back identical ...
+        _, replay = read_events(http, "GET", f"/v1/sessions/{s}/stream")
+        assert replay[:15] == seen
+        # ... then the rest up to the interruption, then `interrupted` and [DONE], no gaps.
+        assert [e["id"] for e in replay] == [f"{s}:{i}" for i in range(len(replay))]
+        assert finish_reason_of(replay) == "interrupted"
+        assert replay[-1]["data"] == "[DONE]"
+        assert len(replay) < 300  # the generation did not go on after the crash
+        # Resuming from the last event the client saw gives exactly the tail.
+        _, tail = read_events(http, "POST", "/v1/chat/completions", json=body,
+                              headers={"Last-Event-ID": seen[-1]["id"]})
+        assert seen + tail == replay
+        # The replay is the same bytes every time it is asked for.
+        _, tail4 = read_events(http, "GET", f"/v1/sessions/{s}/stream",
+                               headers={"Last-Event-ID": f"{s}:4"})
+        assert tail4 == replay[5:]
+        # The restarted server generates again normally.
+        r = http.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "temperature": 0, "max_tokens": 20})
+        assert "Paris" in r.json()["choices"][0]["message"]["content"]
+    srv.stop()
+    # A graceful stop ends nothing twice: the session is still the same after another restart.
+    srv.start()
+    with httpx.Client(base_url=srv.url, timeout=60) as http:
+        _, again = read_events(http, "GET", f"/v1/sessions/{s}/stream")
+        assert again == replay
+
+
+def test_graceful_stop_mid_stream_interrupts(make_server):
+    srv = make_server().start()
+    s = "graceful-1"
+    with httpx.Client(base_url=srv.url, timeout=60) as http:
+        _, seen = read_events(http, "POST", "/v1/chat/completions", limit=5,
+                              json={**LONG, "stream": True, "session_id": s})
+    srv.stop()  # SIGTERM: shutdown hooks run
+    srv.start()
+    with httpx.Client(base_url=srv.url, timeout=60) as http:
+        _, replay = read_events(http, "GET", f"/v1/sessions/{s}/stream")
+        assert replay[:5] == seen
+        assert finish_reason_of(replay) == "interrupted" and replay[-1]["data"] == "[DONE]"
+        usage = http.get(f"/v1/sessions/{s}").json()["usage"]
+        assert usage is None or usage["completion_tokens"] >= 1
+        json.dumps(usage)
