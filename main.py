@@ -176,6 +176,7 @@ class ModelHandle:
     processor: Any = None
     context_length: int | None = None
     eos_token_ids: frozenset[int] = frozenset()
+    pad_token_id: int | None = None
     load_seconds: float | None = None
 
 
@@ -254,6 +255,8 @@ def load_model(handle: ModelHandle) -> None:
         if handle.tokenizer.eos_token_id is not None:
             eos.append(handle.tokenizer.eos_token_id)
         handle.eos_token_ids = frozenset(eos)
+        pad = handle.tokenizer.pad_token_id
+        handle.pad_token_id = pad if pad is not None else (min(eos) if eos else None)
         handle.context_length = getattr(config.get_text_config(), "max_position_embeddings", None)
         handle.model = model
         handle.load_seconds = time.perf_counter() - started
@@ -515,7 +518,7 @@ class Engine:
             "logits_processor": processors,
             "stopping_criteria": StoppingCriteriaList([CancelCriteria(job.session.cancel_event,
                                                                       matcher)]),
-            "pad_token_id": self.handle.tokenizer.pad_token_id or next(iter(self.handle.eos_token_ids), None),
+            "pad_token_id": self.handle.pad_token_id,
         }
         if p.temperature == 0:
             # Greedy; the model's own sampling defaults must not leak in.
@@ -634,13 +637,16 @@ class SessionSink:
     runs its work on the loop. Once the session is terminal (cancelled from outside, deleted,
     server stopping) later calls change nothing."""
 
-    def __init__(self, runtime: "Runtime", s: Session):
+    def __init__(self, runtime: "Runtime", s: Session, prompt_tokens: int):
         self.runtime, self.s = runtime, s
         self.completion_tokens = 0
-        self.prompt_tokens = 0
+        self.prompt_tokens = prompt_tokens
 
     def _call(self, fn, *args) -> None:
-        self.runtime.loop.call_soon_threadsafe(fn, *args)
+        try:
+            self.runtime.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            pass  # the loop closed under a generation during shutdown: nothing is listening
 
     def started(self, prompt_tokens: int) -> None:
         self._call(self._started, prompt_tokens)
@@ -857,12 +863,22 @@ def chat_messages(req: ChatCompletionRequest, handle: ModelHandle) -> list[dict[
     return out
 
 
+# Arguments of apply_chat_template the server passes itself; a request may not override them.
+RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "messages", "tokenize", "return_dict",
+                                      "return_tensors", "add_generation_prompt", "tools",
+                                      "continue_final_message", "chat_template"})
+
+
 def prepare_chat_inputs(handle: ModelHandle, messages: list[dict[str, Any]],
                         template_kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Apply the chat template and tokenize; runs in a worker thread, never touches the model.
 
     Returns tensors of shape (1, prompt_tokens). Raises APIError 400 if the template fails.
     """
+    reserved = sorted(set(template_kwargs) & RESERVED_TEMPLATE_KWARGS)
+    if reserved:
+        raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}: the server "
+                            f"sets those itself", param="chat_template_kwargs")
     templater = handle.processor if handle.processor is not None else handle.tokenizer
     try:
         encoded = templater.apply_chat_template(messages, add_generation_prompt=True,
@@ -1054,7 +1070,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                        code="queue_full", headers={"Retry-After": "1"})
     s = rt.store.create(session_id or new_session_id(), ChatFormatter.kind, handle.name, digest, raw)
     s.formatter = ChatFormatter(s)
-    sink = SessionSink(rt, s)
+    sink = SessionSink(rt, s, int(inputs["input_ids"].shape[-1]))
     rt.sinks[s.id] = sink
     rt.engine.submit(GenerationJob(s, inputs, params, sink))
     s.last_detached_at = time.monotonic()

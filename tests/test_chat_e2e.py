@@ -263,7 +263,8 @@ def test_cancel_a_queued_session(http):
                 json={**LONG, "stream": True, "session_id": queued})
     assert http.get(f"/v1/sessions/{queued}").json()["state"] == "queued"
     r = http.post(f"/v1/cancel/{queued}").json()
-    assert r["state"] == "cancelled"
+    assert r["state"] == "cancelled" and r["usage"]["completion_tokens"] == 0
+    assert r["usage"]["prompt_tokens"] > 10  # known from the prepared prompt
     _, events = read_events(http, "GET", f"/v1/sessions/{queued}/stream")
     assert finish_reason_of(events) == "cancelled"
     http.post(f"/v1/cancel/{busy}")
@@ -306,6 +307,8 @@ BAD_REQUESTS = [
     ({"messages": [{"role": "user", "content": [{"type": "image_url",
                                                   "image_url": {"url": "data:,x"}}]}]},
      400, "messages[0].content[0]"),
+    ({"messages": QUESTION, "chat_template_kwargs": {"tokenize": False}}, 400,
+     "chat_template_kwargs"),
     ({"messages": QUESTION, "n": 2}, 501, "n"),
     ({"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]}, 501, "tools"),
     ({"messages": QUESTION, "logprobs": True}, 501, "logprobs"),
