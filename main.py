@@ -82,21 +82,22 @@ QUEUE_DEPTH = Gauge("resumable_queue_depth", "Generation jobs waiting for the en
 class APIError(Exception):
     """An error answered to the client in the OpenAI shape with an HTTP status.
 
-    `headers` carries e.g. Retry-After for 429 and 503.
+    `headers` carries e.g. Retry-After for 429 and 503; `type` defaults by status.
     """
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+    def __init__(self, status: int, message: str, type: str | None = None,
                  param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message, self.type = status, message, type
+        self.status, self.message = status, message
+        self.type = type or _ERROR_TYPES.get(status, "error")
         self.param, self.code, self.headers = param, code, headers
 
 
 _ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
                 409: "conflict_error", 410: "gone_error", 413: "invalid_request_error",
-                429: "rate_limit_error", 500: "server_error", 501: "not_implemented_error",
-                503: "service_unavailable_error"}
+                429: "rate_limit_error", 499: "client_closed_request", 500: "server_error",
+                501: "not_implemented_error", 503: "service_unavailable_error"}
 
 
 def error_body(status: int, message: str, type: str | None = None, param: str | None = None,
@@ -937,7 +938,10 @@ def sse_response(rt: Runtime, s: Session, after: int, status_code: int = 200) ->
         rt.attach(s)
         try:
             async for ev in rt.store.events(s, after):
-                yield ServerSentEvent(data=ev.data, id=f"{s.id}:{ev.index}", event=ev.event)
+                # sse-starlette frames each event with the event's own `sep`, not the
+                # response's: both must be "\n" for one line ending per stream.
+                yield ServerSentEvent(data=ev.data, id=f"{s.id}:{ev.index}", event=ev.event,
+                                      sep="\n")
         except EventsGone as e:
             # Fell behind the ring mid-replay: close; the reconnect is answered 410.
             log.warning("%s", e)

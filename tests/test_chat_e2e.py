@@ -139,6 +139,15 @@ def test_resume_joins_to_the_uninterrupted_stream(http, form):
     assert finish_reason_of(joined) == "length"
 
 
+def test_sse_framing_is_lf_only_like_openai(http):
+    # One line ending for the whole stream, events and pings alike, as OpenAI sends.
+    with http.stream("POST", "/v1/chat/completions",
+                     json={**stream_body(sid()), "max_tokens": 5}) as r:
+        raw = r.read()
+    assert b"\r" not in raw
+    assert raw.startswith(b"id: ") and raw.endswith(b"data: [DONE]\n\n")
+
+
 def test_resume_without_session_id_in_body_uses_the_event_id(http):
     body = {**LONG, "max_tokens": 20, "stream": True}
     r, first = read_events(http, "POST", "/v1/chat/completions", limit=3, json=body)
@@ -224,6 +233,7 @@ def test_same_session_id_other_body_is_409(http):
     r = http.post("/v1/chat/completions", json={**stream_body(s), "max_tokens": 4})
     assert r.status_code == 409
     assert r.json()["error"]["param"] == "session_id"
+    assert r.json()["error"]["type"] == "conflict_error"
 
 
 # --- cancel -----------------------------------------------------------------------------------
