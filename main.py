@@ -45,7 +45,9 @@ from transformers import (
     StoppingCriteriaList,
 )
 from transformers.generation.streamers import BaseStreamer
+from transformers.video_utils import VideoMetadata
 
+from media import MediaError, MediaLimits, Video, decode_image, decode_video, load_bytes
 from schemas import SESSION_ID_PATTERN, ChatCompletionRequest
 from settings import Settings
 from store import EventsGone, Session, SessionStore
@@ -178,6 +180,9 @@ class ModelHandle:
     context_length: int | None = None
     eos_token_ids: frozenset[int] = frozenset()
     pad_token_id: int | None = None
+    # True when the tokenizer knows <think>/</think>: its output may carry a reasoning block.
+    thinks: bool = False
+    input_modalities: tuple[str, ...] = ("text",)
     load_seconds: float | None = None
 
 
@@ -259,6 +264,12 @@ def load_model(handle: ModelHandle) -> None:
         pad = handle.tokenizer.pad_token_id
         handle.pad_token_id = pad if pad is not None else (min(eos) if eos else None)
         handle.context_length = getattr(config.get_text_config(), "max_position_embeddings", None)
+        vocab = handle.tokenizer.get_vocab()
+        handle.thinks = THINK_OPEN in vocab and THINK_CLOSE in vocab
+        if handle.processor is not None:
+            handle.input_modalities = ("text",) + tuple(
+                m for m, attr in (("image", "image_processor"), ("video", "video_processor"))
+                if getattr(handle.processor, attr, None) is not None)
         handle.model = model
         handle.load_seconds = time.perf_counter() - started
         handle.state = "ready"
@@ -358,6 +369,80 @@ class StopMatcher:
         return out
 
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def prompt_opens_thinking(prompt_tail: str) -> bool:
+    """True when the rendered prompt leaves a `<think>` block open (Qwen3 Thinking templates
+    write `<|im_start|>assistant\n<think>\n` themselves), so generation starts in reasoning."""
+    return prompt_tail.rfind(THINK_OPEN) > prompt_tail.rfind(THINK_CLOSE)
+
+
+class ReasoningParser:
+    """Splits streamed text into reasoning (inside `<think>…</think>`) and content.
+
+    Tags split across pieces are held back until complete; the tags themselves and the newlines
+    right after them are dropped. Without `</think>` everything after the opening is reasoning.
+    `feed` returns [(kind, text)] with kind "reasoning" or "content", in order.
+    """
+
+    def __init__(self, starts_in_reasoning: bool):
+        self.state = "reasoning" if starts_in_reasoning else "start"
+        self.held = ""
+        self.strip_newlines = starts_in_reasoning
+
+    @property
+    def in_reasoning(self) -> bool:
+        return self.state == "reasoning"
+
+    def feed(self, text: str) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        buf = self.held + text
+        self.held = ""
+        while buf:
+            if self.state == "start":
+                # Only a `<think>` at the very start of the output opens a block.
+                stripped = buf.lstrip()
+                if THINK_OPEN.startswith(stripped) and len(stripped) < len(THINK_OPEN):
+                    self.held = buf
+                    return out
+                if stripped.startswith(THINK_OPEN):
+                    self.state, self.strip_newlines = "reasoning", True
+                    buf = stripped[len(THINK_OPEN):]
+                else:
+                    self.state = "content"
+                continue
+            if self.strip_newlines:
+                buf = buf.lstrip("\n")
+                if not buf:
+                    return out
+                self.strip_newlines = False
+            if self.state == "content":
+                out.append(("content", buf))
+                return out
+            end = buf.find(THINK_CLOSE)
+            if end >= 0:
+                if end:
+                    out.append(("reasoning", buf[:end]))
+                self.state, self.strip_newlines = "content", True
+                buf = buf[end + len(THINK_CLOSE):]
+                continue
+            keep = next((k for k in range(min(len(THINK_CLOSE) - 1, len(buf)), 0, -1)
+                         if buf.endswith(THINK_CLOSE[:k])), 0)
+            if len(buf) > keep:
+                out.append(("reasoning", buf[:len(buf) - keep]))
+            self.held = buf[len(buf) - keep:]
+            return out
+        return out
+
+    def flush(self) -> list[tuple[str, str]]:
+        """What is held back once generation ended (an unfinished tag is kept as text)."""
+        held, self.held = self.held, ""
+        if not held:
+            return []
+        return [("reasoning" if self.state == "reasoning" else "content", held)]
+
+
 # =============================================================================================
 # 5. The engine: one thread owns the model and runs jobs from a queue
 # =============================================================================================
@@ -390,6 +475,8 @@ class GenerationJob:
     inputs: dict[str, torch.Tensor]
     params: SamplingParams
     sink: "SessionSink"
+    # None: no reasoning split; else whether the prompt already opened the think block.
+    starts_in_reasoning: bool | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -440,8 +527,11 @@ class SessionStreamer(BaseStreamer):
     def __init__(self, job: GenerationJob, tokenizer, matcher: StopMatcher):
         self.job, self.matcher = job, matcher
         self.decoder = IncrementalDecoder(tokenizer)
+        self.parser = (None if job.starts_in_reasoning is None
+                       else ReasoningParser(job.starts_in_reasoning))
         self.prompt_seen = False
         self.completion_tokens = 0
+        self.reasoning_tokens = 0
         self.last_token: int | None = None
 
     def put(self, value: torch.Tensor) -> None:
@@ -451,15 +541,22 @@ class SessionStreamer(BaseStreamer):
         for token_id in value.reshape(-1).tolist():
             self.completion_tokens += 1
             self.last_token = token_id
-            text = self.matcher.feed(self.decoder.push(token_id))
-            if text:
-                self.job.sink.delta(text, self.completion_tokens)
+            before = self.parser.state if self.parser is not None else None
+            self._emit(self.matcher.feed(self.decoder.push(token_id)))
+            # Reasoning if it opened, continued or closed the think block.
+            if self.parser is not None and "reasoning" in (before, self.parser.state):
+                self.reasoning_tokens += 1
 
     def end(self) -> None:
-        text = self.matcher.feed(self.decoder.flush())
-        text += self.matcher.flush()
-        if text:
-            self.job.sink.delta(text, self.completion_tokens)
+        self._emit(self.matcher.feed(self.decoder.flush()) + self.matcher.flush(), final=True)
+
+    def _emit(self, text: str, final: bool = False) -> None:
+        if self.parser is None:
+            parts = [("content", text)] if text else []
+        else:
+            parts = self.parser.feed(text) + (self.parser.flush() if final else [])
+        for kind, piece in parts:
+            self.job.sink.delta(piece, self.completion_tokens, kind)
 
 
 class Engine:
@@ -550,7 +647,8 @@ class Engine:
             reason = "length"
         else:
             reason = "stop"
-        job.sink.finished(reason, job.prompt_tokens, streamer.completion_tokens)
+        job.sink.finished(reason, job.prompt_tokens, streamer.completion_tokens,
+                          streamer.reasoning_tokens)
 
 
 # =============================================================================================
@@ -558,9 +656,13 @@ class Engine:
 # =============================================================================================
 
 
-def usage_object(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage_object(prompt_tokens: int, completion_tokens: int,
+                 reasoning_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI `usage`; `completion_tokens_details.reasoning_tokens` counts tokens inside
+    `<think>…</think>` (they are part of `completion_tokens`)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "completion_tokens_details": {"reasoning_tokens": reasoning_tokens}}
 
 
 def dumps(obj: Any) -> str:
@@ -593,8 +695,9 @@ class ChatFormatter:
     def start(self) -> list[str]:
         return [self._chunk({"role": "assistant", "content": ""})]
 
-    def delta(self, text: str) -> list[str]:
-        return [self._chunk({"content": text})]
+    def delta(self, text: str, kind: str = "content") -> list[str]:
+        """A content chunk, or for kind "reasoning" a `reasoning_content` chunk (vLLM's field)."""
+        return [self._chunk({"reasoning_content" if kind == "reasoning" else "content": text})]
 
     def finish(self, reason: str, usage: dict[str, int] | None) -> list[str]:
         out = [self._chunk({}, reason)]
@@ -607,19 +710,22 @@ class ChatFormatter:
 
     def completion(self, s: Session, datas: list[str]) -> dict[str, Any]:
         """The non-streamed `chat.completion` object, folded from the session's events."""
-        text, finish_reason = [], None
+        text, reasoning, finish_reason = [], [], None
         for data in datas:
             if data == "[DONE]":
                 continue
             chunk = json.loads(data)
             for choice in chunk.get("choices", []):
                 text.append(choice["delta"].get("content") or "")
+                reasoning.append(choice["delta"].get("reasoning_content") or "")
                 finish_reason = choice.get("finish_reason") or finish_reason
+        message = {"role": "assistant", "content": "".join(text), "refusal": None}
+        if any(reasoning):
+            message["reasoning_content"] = "".join(reasoning)
         return {"id": self.base["id"], "object": "chat.completion", "created": self.base["created"],
                 "model": self.base["model"], "system_fingerprint": SYSTEM_FINGERPRINT,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text),
-                                                     "refusal": None},
-                             "logprobs": None, "finish_reason": finish_reason}],
+                "choices": [{"index": 0, "message": message, "logprobs": None,
+                             "finish_reason": finish_reason}],
                 "usage": s.usage}
 
 
@@ -652,11 +758,13 @@ class SessionSink:
     def started(self, prompt_tokens: int) -> None:
         self._call(self._started, prompt_tokens)
 
-    def delta(self, text: str, completion_tokens: int) -> None:
-        self._call(self._delta, text, completion_tokens)
+    def delta(self, text: str, completion_tokens: int, kind: str = "content") -> None:
+        self._call(self._delta, text, completion_tokens, kind)
 
-    def finished(self, reason: str, prompt_tokens: int, completion_tokens: int) -> None:
-        self._call(self._finished, reason, usage_object(prompt_tokens, completion_tokens))
+    def finished(self, reason: str, prompt_tokens: int, completion_tokens: int,
+                 reasoning_tokens: int = 0) -> None:
+        self._call(self._finished, reason,
+                   usage_object(prompt_tokens, completion_tokens, reasoning_tokens))
 
     def failed(self, message: str) -> None:
         self._call(self.runtime.fail, self.s, message)
@@ -668,10 +776,10 @@ class SessionSink:
         self.runtime.store.set_state(self.s, "in_progress")
         self.runtime.append_all(self.s, self.s.formatter.start())
 
-    def _delta(self, text: str, completion_tokens: int) -> None:
+    def _delta(self, text: str, completion_tokens: int, kind: str) -> None:
         self.completion_tokens = completion_tokens
         if not (self.s.terminal or self.s.deleted):
-            self.runtime.append_all(self.s, self.s.formatter.delta(text))
+            self.runtime.append_all(self.s, self.s.formatter.delta(text, kind))
 
     def _finished(self, reason: str, usage: dict[str, int]) -> None:
         self.runtime.finish(self.s, reason, usage)
@@ -835,32 +943,58 @@ def refuse_unsupported(req: ChatCompletionRequest) -> None:
                            param=f"messages[{i}]", code="unsupported_field")
 
 
+# Content-part types that carry media: OpenAI's, vLLM's video_url, Qwen's own, Responses' input_image.
+MEDIA_PARTS = {"image_url": "image", "input_image": "image", "image": "image",
+               "video_url": "video", "video": "video"}
+
+
+def media_url(part: dict[str, Any]) -> Any:
+    """The URL of a media content part, whichever accepted shape it comes in."""
+    kind = part.get("type")
+    value = part.get(kind) if kind in ("image_url", "video_url", "image", "video") else None
+    if value is None:
+        value = part.get("image_url") or part.get("url")
+    return value.get("url") if isinstance(value, dict) else value
+
+
 def chat_messages(req: ChatCompletionRequest, handle: ModelHandle) -> list[dict[str, Any]]:
     """Request messages in the shape the chat template wants.
 
     Tokenizer templates get string content; processor templates (vision-language models) get
-    content-part lists. `developer` becomes `system`, which chat templates know.
+    content-part lists, media parts as `{"type": "image"|"video", "url", "param"}` for
+    `prepare_chat_inputs` to fetch. `developer` becomes `system`, which chat templates know.
+    Raises APIError 400 for media the model cannot take, unknown parts, too many media items.
     """
-    out = []
+    out, media = [], 0
     for i, m in enumerate(req.messages):
         parts = [{"type": "text", "text": m.content}] if isinstance(m.content, str) else (m.content or [])
-        texts = []
+        content: list[dict[str, Any]] = []
         for j, part in enumerate(parts):
-            kind = part.get("type")
-            if kind == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            elif kind in ("image_url", "image", "input_image", "video_url", "video"):
-                raise APIError(400, f"the served model {handle.name} does not accept images or "
-                                    f"video: send text content only",
-                               param=f"messages[{i}].content[{j}]", code="unsupported_modality")
+            kind, param = part.get("type"), f"messages[{i}].content[{j}]"
+            if kind in ("text", "input_text") and isinstance(part.get("text"), str):
+                content.append({"type": "text", "text": part["text"]})
+            elif kind in MEDIA_PARTS:
+                modality = MEDIA_PARTS[kind]
+                if modality not in handle.input_modalities:
+                    raise APIError(400, f"the served model {handle.name} does not accept "
+                                        f"{modality}s: it takes {', '.join(handle.input_modalities)}",
+                                   param=param, code="unsupported_modality")
+                url = media_url(part)
+                if not isinstance(url, str):
+                    raise APIError(400, f"a {kind} part needs a url string", param=param)
+                media += 1
+                if media > settings.max_media_per_request:
+                    raise APIError(400, f"too many images and videos in one request (at most "
+                                        f"{settings.max_media_per_request}, MAX_MEDIA_PER_REQUEST)",
+                                   param=param, code="too_many_media")
+                content.append({"type": modality, "url": url, "param": param})
             else:
-                raise APIError(400, f"unsupported content part type {kind!r}",
-                               param=f"messages[{i}].content[{j}].type")
+                raise APIError(400, f"unsupported content part type {kind!r}", param=f"{param}.type")
         role = "system" if m.role == "developer" else m.role
         if handle.processor is not None:
-            out.append({"role": role, "content": [{"type": "text", "text": t} for t in texts]})
+            out.append({"role": role, "content": content})
         else:
-            out.append({"role": role, "content": "".join(texts)})
+            out.append({"role": role, "content": "".join(p["text"] for p in content)})
     return out
 
 
@@ -870,27 +1004,100 @@ RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "messages", "tokenize", "r
                                       "continue_final_message", "chat_template"})
 
 
+def media_limits() -> MediaLimits:
+    return MediaLimits(max_bytes=settings.max_media_bytes,
+                       max_image_pixels=settings.max_image_pixels,
+                       max_video_pixels=settings.max_video_pixels,
+                       max_video_frames=settings.max_video_frames,
+                       fetch_timeout_seconds=settings.media_fetch_timeout_seconds,
+                       allow_private_urls=settings.allow_private_media_urls,
+                       media_root=settings.media_root or None)
+
+
+def load_media(handle: ModelHandle, messages: list[dict[str, Any]]) -> tuple[list, list[Video]]:
+    """Fetch and decode every media part (in place, they become bare `{"type": ...}` parts for
+    the template). Returns (images as PIL, videos). Raises APIError 400/413 from MediaError."""
+    ip = getattr(handle.processor, "image_processor", None)
+    factor = getattr(ip, "patch_size", 14) * getattr(ip, "merge_size", 2)
+    limits, images, videos = media_limits(), [], []
+    for m in messages:
+        for part in m["content"]:
+            if part["type"] not in ("image", "video"):
+                continue
+            url, param = part.pop("url"), part.pop("param")
+            try:
+                data = load_bytes(url, limits, param)
+                if part["type"] == "image":
+                    images.append(decode_image(data, limits, factor, param))
+                else:
+                    videos.append(decode_video(data, limits, factor, param))
+            except MediaError as e:
+                raise APIError(e.status, e.message, param=e.param, code="invalid_media") from e
+    return images, videos
+
+
 def prepare_chat_inputs(handle: ModelHandle, messages: list[dict[str, Any]],
                         template_kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Apply the chat template and tokenize; runs in a worker thread, never touches the model.
+    """Fetch media, apply the chat template, tokenize; runs in a worker thread and never
+    touches the model.
 
-    Returns tensors of shape (1, prompt_tokens). Raises APIError 400 if the template fails.
+    Returns the processor's/tokenizer's tensors: `input_ids` (1, prompt_tokens) and, with
+    media, `pixel_values`, `image_grid_thw`, `pixel_values_videos`, `video_grid_thw`.
+    Raises APIError 400/413 for bad media or a template that fails on these messages.
     """
     reserved = sorted(set(template_kwargs) & RESERVED_TEMPLATE_KWARGS)
     if reserved:
         raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}: the server "
                             f"sets those itself", param="chat_template_kwargs")
-    templater = handle.processor if handle.processor is not None else handle.tokenizer
     try:
-        encoded = templater.apply_chat_template(messages, add_generation_prompt=True,
-                                                tokenize=True, return_dict=True,
-                                                return_tensors="pt", **template_kwargs)
+        if handle.processor is None:
+            encoded = handle.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                return_tensors="pt", **template_kwargs)
+        else:
+            images, videos = load_media(handle, messages)
+            prompt = handle.processor.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False, **template_kwargs)
+            extra: dict[str, Any] = {}
+            if videos:
+                # Frames are already sampled (PyAV); the metadata gives their real times,
+                # which Qwen3-VL writes into the prompt.
+                extra = {"videos": [v.frames for v in videos], "do_sample_frames": False,
+                         "video_metadata": [VideoMetadata(
+                             total_num_frames=v.total_frames, fps=v.fps, duration=v.duration,
+                             frames_indices=v.frame_indices, height=v.frames.shape[1],
+                             width=v.frames.shape[2]) for v in videos]}
+            encoded = handle.processor(text=[prompt], images=images or None,
+                                       return_tensors="pt", **extra)
     except APIError:
         raise
-    except Exception as e:  # noqa: BLE001 - template errors are the caller's input
-        raise APIError(400, f"the chat template could not render these messages: {e}",
-                       param="messages") from e
+    except Exception as e:  # noqa: BLE001 - template and processor errors are the caller's input
+        raise APIError(400, f"the chat template or processor could not take these messages: "
+                            f"{type(e).__name__}: {e}", param="messages") from e
     return {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}
+
+
+def reasoning_start(handle: ModelHandle, inputs: dict[str, torch.Tensor]) -> bool | None:
+    """None when no reasoning split applies; else whether the prompt opened a think block."""
+    if settings.reasoning_parser == "none" or not handle.thinks:
+        return None
+    tail = handle.tokenizer.decode(inputs["input_ids"][0, -16:].tolist())
+    return prompt_opens_thinking(tail)
+
+
+def redact_media(body: dict[str, Any]) -> dict[str, Any]:
+    """The body as stored with the session: `data:` URLs replaced by their SHA-256, so media
+    bytes never land in SQLite (the idempotency digest is taken from the full body)."""
+    def walk(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        if isinstance(v, str) and v[:5].lower() == "data:" and len(v) > 64:
+            head = v.split(",", 1)[0]
+            return f"{head},sha256:{hashlib.sha256(v.encode()).hexdigest()}"
+        return v
+    return walk(body)
 
 
 def sampling_params(req: ChatCompletionRequest, handle: ModelHandle,
@@ -1015,7 +1222,7 @@ async def list_models(request: Request):
 
 def model_object(handle: ModelHandle, created: float) -> dict[str, Any]:
     return {"id": handle.name, "object": "model", "created": int(created), "owned_by": "resumable",
-            "input_modalities": ["text", "image", "video"] if handle.processor else ["text"],
+            "input_modalities": list(handle.input_modalities),
             "context_length": handle.context_length, "state": handle.state}
 
 
@@ -1060,6 +1267,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
         inputs = await asyncio.to_thread(prepare_chat_inputs, handle, messages,
                                          body.chat_template_kwargs or {})
         params = sampling_params(body, handle, int(inputs["input_ids"].shape[-1]))
+        thinking = reasoning_start(handle, inputs)
         existing = rt.store.get(session_id) if session_id else None  # raced while preparing?
     if existing is not None:
         if existing.body_digest != digest:
@@ -1072,11 +1280,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
         raise APIError(429, f"too many queued requests (MAX_QUEUED_REQUESTS="
                             f"{settings.max_queued_requests}); retry shortly",
                        code="queue_full", headers={"Retry-After": "1"})
-    s = rt.store.create(session_id or new_session_id(), ChatFormatter.kind, handle.name, digest, raw)
+    s = rt.store.create(session_id or new_session_id(), ChatFormatter.kind, handle.name, digest,
+                        redact_media(raw))
     s.formatter = ChatFormatter(s)
     sink = SessionSink(rt, s, int(inputs["input_ids"].shape[-1]))
     rt.sinks[s.id] = sink
-    rt.engine.submit(GenerationJob(s, inputs, params, sink))
+    rt.engine.submit(GenerationJob(s, inputs, params, sink, thinking))
     s.last_detached_at = time.monotonic()
     rt.arm_disconnect_timer(s)
     return sse_response(rt, s, -1) if body.stream else await completed_response(rt, s, request)

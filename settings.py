@@ -40,6 +40,25 @@ class Settings(BaseSettings):
     cancel_after_disconnect_seconds: float = Field(3600.0, ge=0)
     ring_buffer_size: int = Field(1024, ge=1)
 
+    # --- vision input (image-text-to-text models) ---------------------------------------------
+    max_media_per_request: int = Field(8, ge=0)
+    max_media_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    # Pixel budgets after resizing: per image, and for all frames of one video together.
+    max_image_pixels: int = Field(1280 * 28 * 28, ge=28 * 28)
+    max_video_pixels: int = Field(16 * 256 * 28 * 28, ge=28 * 28)
+    max_video_frames: int = Field(16, ge=1)
+    media_fetch_timeout_seconds: float = Field(10.0, gt=0)
+    # http(s) media whose host resolves to private/loopback/link-local/metadata addresses is
+    # refused (SSRF) unless this is set.
+    allow_private_media_urls: bool = False
+    # Local media paths are allowed only under this directory; empty refuses them all.
+    media_root: str = ""
+
+    # --- thinking models -------------------------------------------------------------------
+    # "auto": split <think>...</think> into reasoning_content when the tokenizer knows the
+    # tags; "none": leave the raw text in content.
+    reasoning_parser: str = Field("auto", pattern="^(auto|none)$")
+
     # --- admission ---------------------------------------------------------------------------
     max_queued_requests: int = Field(64, ge=1)
     max_request_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)

@@ -94,3 +94,45 @@ def test_body_digest_ignores_session_id_and_key_order():
     a = body_digest({"messages": [1], "stream": True, "session_id": "x"})
     assert a == body_digest({"stream": True, "messages": [1]})
     assert a != body_digest({"stream": False, "messages": [1]})
+
+
+# --- the reasoning split ------------------------------------------------------------------------
+
+from main import ReasoningParser, prompt_opens_thinking  # noqa: E402
+
+
+def split(pieces, starts_in_reasoning=False):
+    p = ReasoningParser(starts_in_reasoning)
+    out = [part for piece in pieces for part in p.feed(piece)] + p.flush()
+    reasoning = "".join(t for k, t in out if k == "reasoning")
+    content = "".join(t for k, t in out if k == "content")
+    return reasoning, content
+
+
+@pytest.mark.parametrize("pieces", [
+    ["<think>\nI ponder.\n</think>\n\nThe answer."],
+    ["<thi", "nk>\nI pon", "der.\n</th", "ink>", "\n\nThe ", "answer."],
+    list("<think>\nI ponder.\n</think>\n\nThe answer."),  # one character at a time
+])
+def test_think_tags_split_anywhere(pieces):
+    assert split(pieces) == ("I ponder.\n", "The answer.")
+
+
+def test_template_opened_think_block():
+    # The prompt ended with "<think>\n": output starts inside the block, with no opening tag.
+    assert split(["I pon", "der.</thi", "nk>Yes."], starts_in_reasoning=True) == ("I ponder.", "Yes.")
+
+
+def test_missing_close_tag_leaves_everything_reasoning():
+    assert split(["still thinking </thi"], starts_in_reasoning=True) == ("still thinking </thi", "")
+
+
+def test_no_think_block_is_all_content():
+    assert split(["Hello ", "<think> is just text here"]) == ("", "Hello <think> is just text here")
+    assert split(["<", "b>bold</b>"]) == ("", "<b>bold</b>")
+
+
+def test_prompt_opens_thinking():
+    assert prompt_opens_thinking("<|im_start|>assistant\n<think>\n")
+    assert not prompt_opens_thinking("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert not prompt_opens_thinking("<|im_start|>assistant\n")

@@ -1,0 +1,269 @@
+"""Media input for vision-language models: fetch bytes safely, decode images and video frames.
+
+Sources: `data:` URLs (base64), `http(s)://` URLs, and local paths (`file://` or plain) under
+MEDIA_ROOT. Decoding: Pillow for images, PyAV for video. Sizes: qwen-vl-utils' `smart_resize`
+(Qwen's resize rule: sides multiples of the patch factor, pixels within a budget).
+
+Why our own fetching rather than qwen-vl-utils' `fetch_image`/`fetch_video`: those fetch any URL
+with no timeout, byte cap or address check. Here every http(s) hop is resolved and refused if it
+points into private, loopback, link-local, multicast, reserved or cloud-metadata address space
+(SSRF), unless ALLOW_PRIVATE_MEDIA_URLS is set; redirects are followed by hand and re-checked;
+bodies are read up to a byte cap. Every failure is a `MediaError` carrying the HTTP status to
+answer (400 bad input, 413 too large) and the request `param` it concerns.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import ipaddress
+import os
+import re
+import socket
+import urllib.parse
+from dataclasses import dataclass
+
+import av
+import httpx
+import numpy as np
+from PIL import Image
+from qwen_vl_utils.vision_process import smart_resize
+
+# Decoding an image allocates width*height*3 bytes before any resize: refuse headers that
+# promise more than this (a decompression bomb); an 8K photo (33 MP) still passes.
+MAX_DECODE_PIXELS = 40_000_000
+MAX_REDIRECTS = 5
+
+
+class MediaError(Exception):
+    """A media item that cannot be used. `status` is 400 or 413; `param` names the part."""
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+@dataclass(frozen=True)
+class MediaLimits:
+    """Limits for one request. Bytes, pixels and seconds as the names say."""
+
+    max_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 1280 * 28 * 28
+    max_video_pixels: int = 16 * 256 * 28 * 28
+    max_video_frames: int = 16
+    fetch_timeout_seconds: float = 10.0
+    allow_private_urls: bool = False
+    media_root: str | None = None
+
+
+@dataclass
+class Video:
+    """Decoded frames (T, H, W, 3) uint8 RGB and where they sit in time.
+
+    `timestamps` are seconds from the start, `fps` the source's frame rate, `frame_indices` the
+    source frame numbers sampled, `total_frames` and `duration` those of the source.
+    """
+
+    frames: np.ndarray
+    timestamps: list[float]
+    frame_indices: list[int]
+    fps: float
+    total_frames: int
+    duration: float
+
+
+# --- fetching ---------------------------------------------------------------------------------
+
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?)(?P<b64>;base64)?,",
+                       re.IGNORECASE)
+
+
+def load_bytes(url: str, limits: MediaLimits, param: str) -> bytes:
+    """The bytes behind a media URL or path. Raises MediaError (400/413)."""
+    if not isinstance(url, str) or not url:
+        raise MediaError(400, "media url must be a non-empty string", param)
+    lowered = url[:16].lower()
+    if lowered.startswith("data:"):
+        return _data_url_bytes(url, limits, param)
+    if lowered.startswith(("http://", "https://")):
+        return _http_bytes(url, limits, param)
+    if lowered.startswith("file://"):
+        return _file_bytes(urllib.parse.unquote(urllib.parse.urlparse(url).path), limits, param)
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url):
+        scheme = url.split("://", 1)[0]
+        raise MediaError(400, f"unsupported media url scheme {scheme!r}: use data:, http(s):// "
+                              f"or a path under MEDIA_ROOT", param)
+    return _file_bytes(url, limits, param)
+
+
+def _data_url_bytes(url: str, limits: MediaLimits, param: str) -> bytes:
+    m = _DATA_URL.match(url)
+    if not m:
+        raise MediaError(400, "malformed data: URL (expected data:<type>;base64,<data>)", param)
+    payload = url[m.end():]
+    if len(payload) * 3 // 4 > limits.max_bytes:
+        raise MediaError(413, f"media is larger than {limits.max_bytes} bytes", param)
+    if not m.group("b64"):
+        return urllib.parse.unquote_to_bytes(payload)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise MediaError(400, f"malformed base64 in data: URL ({e})", param) from e
+
+
+def _file_bytes(path: str, limits: MediaLimits, param: str) -> bytes:
+    if not limits.media_root:
+        raise MediaError(400, "local media paths are refused: the server has no MEDIA_ROOT set",
+                         param)
+    root = os.path.realpath(limits.media_root)
+    full = os.path.realpath(os.path.join(root, path))  # an absolute `path` replaces root here
+    if os.path.commonpath([root, full]) != root:
+        raise MediaError(400, "media path is outside MEDIA_ROOT", param)
+    if not os.path.isfile(full):
+        raise MediaError(400, "media file not found under MEDIA_ROOT", param)
+    if os.path.getsize(full) > limits.max_bytes:
+        raise MediaError(413, f"media is larger than {limits.max_bytes} bytes", param)
+    with open(full, "rb") as f:
+        return f.read()
+
+
+def check_host(host: str, port: int, allow_private: bool, param: str) -> None:
+    """Refuse hosts that resolve into non-public address space (SSRF), unless allowed."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise MediaError(400, f"media host {host!r} cannot be resolved", param) from e
+    if allow_private:
+        return
+    for info in infos:
+        ip = ipaddress.ip_address(info[4][0].split("%", 1)[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        if not ip.is_global or ip.is_multicast:
+            raise MediaError(400, f"media url host {host!r} resolves to a private, loopback, "
+                                  f"link-local or reserved address; such urls are refused "
+                                  f"(ALLOW_PRIVATE_MEDIA_URLS=1 allows them)", param)
+
+
+def _http_bytes(url: str, limits: MediaLimits, param: str) -> bytes:
+    timeout = httpx.Timeout(limits.fetch_timeout_seconds)
+    with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
+        for _ in range(MAX_REDIRECTS + 1):
+            parts = urllib.parse.urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise MediaError(400, f"unsupported media redirect target {url[:100]!r}", param)
+            check_host(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80),
+                       limits.allow_private_urls, param)
+            try:
+                with client.stream("GET", url) as r:
+                    if r.is_redirect:
+                        url = urllib.parse.urljoin(url, r.headers.get("location", ""))
+                        continue
+                    if r.status_code != 200:
+                        raise MediaError(400, f"fetching media failed: HTTP {r.status_code}", param)
+                    declared = r.headers.get("content-length")
+                    if declared and declared.isdigit() and int(declared) > limits.max_bytes:
+                        raise MediaError(413, f"media is larger than {limits.max_bytes} bytes",
+                                         param)
+                    chunks, size = [], 0
+                    for chunk in r.iter_bytes():
+                        size += len(chunk)
+                        if size > limits.max_bytes:
+                            raise MediaError(413, f"media is larger than {limits.max_bytes} "
+                                                  f"bytes", param)
+                        chunks.append(chunk)
+                    return b"".join(chunks)
+            except httpx.TimeoutException as e:
+                raise MediaError(400, f"fetching media timed out after "
+                                      f"{limits.fetch_timeout_seconds:g} s", param) from e
+            except httpx.HTTPError as e:
+                raise MediaError(400, f"fetching media failed: {type(e).__name__}", param) from e
+    raise MediaError(400, f"media url redirected more than {MAX_REDIRECTS} times", param)
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+def decode_image(data: bytes, limits: MediaLimits, factor: int, param: str) -> Image.Image:
+    """RGB image resized (Qwen's rule) to at most `max_image_pixels`. Raises MediaError."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w * h > MAX_DECODE_PIXELS:
+            raise MediaError(413, f"image is {w}x{h} pixels, over the decode limit of "
+                                  f"{MAX_DECODE_PIXELS} (decompression bomb?)", param)
+        th, tw = smart_resize(h, w, factor=factor, min_pixels=factor * factor,
+                              max_pixels=max(limits.max_image_pixels, factor * factor))
+        if img.format == "JPEG":
+            img.draft("RGB", (tw, th))  # decode at reduced scale: far less memory for big JPEGs
+        img = img.convert("RGB")
+    except MediaError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise MediaError(413, f"image refused as a decompression bomb: {e}", param) from e
+    except (OSError, ValueError, Image.UnidentifiedImageError) as e:
+        raise MediaError(400, f"not a decodable image ({type(e).__name__}: {e})", param) from e
+    if img.size != (tw, th):
+        img = img.resize((tw, th), Image.Resampling.BICUBIC)
+    return img
+
+
+def decode_video(data: bytes, limits: MediaLimits, factor: int, param: str) -> Video:
+    """Up to `max_video_frames` frames sampled evenly over the video, with real timestamps,
+    each resized so that all frames together stay within `max_video_pixels`.
+
+    Two passes so memory stays at the sampled frames: demux packets (no decoding) to learn the
+    frame count and times, then decode once and convert only the sampled frames. An odd count
+    gets its last frame repeated (Qwen's temporal patch is 2 frames). Raises MediaError for
+    images, and when nothing decodes.
+    """
+    try:
+        container = av.open(io.BytesIO(data))
+    except (av.error.FFmpegError, ValueError, OSError) as e:
+        raise MediaError(400, f"not a decodable video ({type(e).__name__})", param) from e
+    with container:
+        if not container.streams.video:
+            raise MediaError(400, "the media has no video stream", param)
+        if container.format.name == "image2" or container.format.name.endswith("_pipe"):
+            raise MediaError(400, f"this is an image ({container.format.name}), not a video: "
+                                  f"send it as an image_url part", param)
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+        base = float(stream.time_base) if stream.time_base else 1.0 / fps
+        try:
+            pts = sorted(p.pts for p in container.demux(stream) if p.size and p.pts is not None)
+        except (av.error.FFmpegError, ValueError, OSError) as e:
+            raise MediaError(400, f"not a decodable video ({type(e).__name__})", param) from e
+        if not pts:
+            raise MediaError(400, "the video has no frames", param)
+        total = len(pts)
+        want = min(limits.max_video_frames, total)
+        picks = sorted({round(i * (total - 1) / max(want - 1, 1)) for i in range(want)})
+        w, h = stream.codec_context.width, stream.codec_context.height
+        if not w or not h:
+            raise MediaError(400, "the video stream has no frame size", param)
+        per_frame = max(limits.max_video_pixels // len(picks), factor * factor)
+        th, tw = smart_resize(h, w, factor=factor, min_pixels=factor * factor, max_pixels=per_frame)
+        wanted, arrays, indices = set(picks), [], []
+        try:
+            container.seek(0)
+            for i, frame in enumerate(container.decode(stream)):
+                if i in wanted:
+                    arrays.append(frame.to_ndarray(format="rgb24", width=tw, height=th))
+                    indices.append(i)
+                if i >= picks[-1]:
+                    break
+        except (av.error.FFmpegError, ValueError, OSError) as e:
+            if not arrays:
+                raise MediaError(400, f"no decodable video frames ({type(e).__name__})",
+                                 param) from e
+    if not arrays:
+        raise MediaError(400, "the video has no decodable frames", param)
+    if len(arrays) % 2:
+        # Qwen's temporal patch takes frames in pairs: repeat the last, as qwen-vl-utils does.
+        arrays, indices = arrays + arrays[-1:], indices + indices[-1:]
+    start = pts[0]
+    return Video(frames=np.stack(arrays),
+                 timestamps=[round((pts[i] - start) * base, 3) for i in indices],
+                 frame_indices=indices, fps=fps, total_frames=total,
+                 duration=(pts[-1] - start) * base + 1.0 / fps)
