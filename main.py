@@ -11,6 +11,7 @@ The wire contract for sessions, event ids, resume and cancel is ../shared/CONTRA
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import importlib.util
 import json
@@ -48,7 +49,8 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.video_utils import VideoMetadata
 
 from media import MediaError, MediaLimits, Video, decode_image, decode_video, load_bytes
-from schemas import SESSION_ID_PATTERN, ChatCompletionRequest
+from schemas import (SESSION_ID_PATTERN, ChatCompletionRequest, ChatMessage, CompletionRequest,
+                     ResponsesRequest)
 from settings import Settings
 from store import EventsGone, Session, SessionStore
 
@@ -669,11 +671,19 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
-class ChatFormatter:
-    """Builds the `data` strings of a chat session's events (OpenAI `chat.completion.chunk`).
+Out = tuple[str, "str | None"]  # one event: (SSE data, SSE event name or None)
+DONE: Out = ("[DONE]", None)
 
-    A function of the stored session alone, so the server rebuilds the same formatter after a
-    restart. Terminal events: a chunk with `finish_reason`, the usage chunk when
+
+class ChatFormatter:
+    """Builds the events of a chat session's log (OpenAI `chat.completion.chunk`).
+
+    Every formatter is a function of the stored session (plus, for stateful ones, the events
+    it has seen through `observe`), so the server rebuilds it after a restart. Methods return
+    the events to append, as (data, event-name) pairs: `created()` when the session is made,
+    `start()` when generation begins, `delta()` per text piece, `finish()`/`error()` at the
+    end; `result()` folds the stored events into the non-streamed object.
+    Chat terminal events: a chunk with `finish_reason`, the usage chunk when
     `stream_options.include_usage` was set, then `[DONE]` (OpenAI API reference, chat streaming).
     """
 
@@ -685,34 +695,40 @@ class ChatFormatter:
                      "created": int(s.created), "model": s.model,
                      "system_fingerprint": SYSTEM_FINGERPRINT}
 
-    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> str:
+    def observe(self, data: str) -> None:
+        """Stateless: nothing to rebuild from stored events."""
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> Out:
         chunk = {**self.base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
                                            "finish_reason": finish_reason}]}
         if self.include_usage:
             chunk["usage"] = None
-        return dumps(chunk)
+        return dumps(chunk), None
 
-    def start(self) -> list[str]:
+    def created(self) -> list[Out]:
+        return []
+
+    def start(self) -> list[Out]:
         return [self._chunk({"role": "assistant", "content": ""})]
 
-    def delta(self, text: str, kind: str = "content") -> list[str]:
+    def delta(self, text: str, kind: str = "content") -> list[Out]:
         """A content chunk, or for kind "reasoning" a `reasoning_content` chunk (vLLM's field)."""
         return [self._chunk({"reasoning_content" if kind == "reasoning" else "content": text})]
 
-    def finish(self, reason: str, usage: dict[str, int] | None) -> list[str]:
+    def finish(self, reason: str, usage: dict[str, Any] | None) -> list[Out]:
         out = [self._chunk({}, reason)]
         if self.include_usage and usage is not None:
-            out.append(dumps({**self.base, "choices": [], "usage": usage}))
-        return out + ["[DONE]"]
+            out.append((dumps({**self.base, "choices": [], "usage": usage}), None))
+        return out + [DONE]
 
-    def error(self, message: str) -> list[str]:
-        return [dumps(error_body(500, message)), "[DONE]"]
+    def error(self, message: str) -> list[Out]:
+        return [(dumps(error_body(500, message)), None), DONE]
 
-    def completion(self, s: Session, datas: list[str]) -> dict[str, Any]:
+    def result(self, s: Session, datas: list[str]) -> dict[str, Any]:
         """The non-streamed `chat.completion` object, folded from the session's events."""
         text, reasoning, finish_reason = [], [], None
         for data in datas:
-            if data == "[DONE]":
+            if data == "[DONE]" or data.startswith('{"error"'):
                 continue
             chunk = json.loads(data)
             for choice in chunk.get("choices", []):
@@ -729,7 +745,215 @@ class ChatFormatter:
                 "usage": s.usage}
 
 
-FORMATTERS = {ChatFormatter.kind: ChatFormatter}
+class CompletionFormatter(ChatFormatter):
+    """Events of a legacy completions session (OpenAI `text_completion` chunks).
+
+    Reasoning, if a thinking model emits any, is kept inline: legacy completions have no field
+    for it. `echo` puts the prompt text first (the request stores it as `_echo_text`).
+    """
+
+    kind = "text_completion"
+
+    def __init__(self, s: Session):
+        super().__init__(s)
+        self.echo_text = s.request.get("_echo_text") if s.request.get("echo") else None
+        self.base = {"id": f"cmpl-{s.id}", "object": "text_completion", "created": int(s.created),
+                     "model": s.model, "system_fingerprint": SYSTEM_FINGERPRINT}
+
+    def _text(self, text: str, finish_reason: str | None = None) -> Out:
+        chunk = {**self.base, "choices": [{"text": text, "index": 0, "logprobs": None,
+                                           "finish_reason": finish_reason}]}
+        if self.include_usage:
+            chunk["usage"] = None
+        return dumps(chunk), None
+
+    def start(self) -> list[Out]:
+        return [self._text(self.echo_text)] if self.echo_text else []
+
+    def delta(self, text: str, kind: str = "content") -> list[Out]:
+        return [self._text(text)]
+
+    def finish(self, reason: str, usage: dict[str, Any] | None) -> list[Out]:
+        out = [self._text("", reason)]
+        if self.include_usage and usage is not None:
+            out.append((dumps({**self.base, "choices": [], "usage": usage}), None))
+        return out + [DONE]
+
+    def result(self, s: Session, datas: list[str]) -> dict[str, Any]:
+        text, finish_reason = [], None
+        for data in datas:
+            if data == "[DONE]" or data.startswith('{"error"'):
+                continue
+            for choice in json.loads(data).get("choices", []):
+                text.append(choice["text"])
+                finish_reason = choice.get("finish_reason") or finish_reason
+        return {**self.base, "choices": [{"text": "".join(text), "index": 0, "logprobs": None,
+                                          "finish_reason": finish_reason}], "usage": s.usage}
+
+
+# finish_reason -> (terminal event, response status, incomplete_details)
+RESPONSE_ENDINGS = {
+    "stop": ("response.completed", "completed", None),
+    "length": ("response.incomplete", "incomplete", {"reason": "max_output_tokens"}),
+    "cancelled": ("response.cancelled", "cancelled", None),
+    "interrupted": ("response.incomplete", "incomplete", {"reason": "interrupted"}),
+}
+
+
+def response_usage(usage: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Chat-style usage to the Responses API's `usage` shape."""
+    if usage is None:
+        return None
+    return {"input_tokens": usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": usage["completion_tokens"],
+            "output_tokens_details": {"reasoning_tokens": usage.get(
+                "completion_tokens_details", {}).get("reasoning_tokens", 0)},
+            "total_tokens": usage["total_tokens"]}
+
+
+class ResponsesFormatter:
+    """Events of a Responses API session (OpenAI API reference, Responses streaming events).
+
+    `sequence_number` is the session event index; the SSE `event` field is the event type.
+    Its state, the response object with its output items, is a fold over its own events
+    (`observe`), so the live path, a restart's replay and `GET /v1/responses/{id}` share one
+    code path. Text goes into a `message` item with one `output_text` part; thinking goes into
+    a `reasoning` item with one `reasoning_text` part (`response.reasoning_text.delta`).
+    The stream ends with `response.completed`, `.incomplete` (max_output_tokens, interrupted),
+    `.cancelled` or `.failed`, then `[DONE]` as every session stream does (CONTRACT.md).
+    """
+
+    kind = "response"
+
+    def __init__(self, s: Session):
+        self.s, r = s, s.request
+        self.pending = 0
+        self.response: dict[str, Any] = {
+            "id": f"resp_{s.id}", "object": "response", "created_at": int(s.created),
+            "status": "queued", "background": bool(r.get("background")), "error": None,
+            "incomplete_details": None, "instructions": r.get("instructions"),
+            "max_output_tokens": r.get("max_output_tokens"), "model": s.model, "output": [],
+            "parallel_tool_calls": False, "previous_response_id": r.get("previous_response_id"),
+            "reasoning": {"effort": (r.get("reasoning") or {}).get("effort"), "summary": None},
+            "store": r.get("store", True), "temperature": r.get("temperature"),
+            "text": {"format": {"type": "text"}}, "tool_choice": "none", "tools": [],
+            "top_p": r.get("top_p"), "truncation": "disabled", "usage": None,
+            "user": r.get("user"), "metadata": r.get("metadata") or {}}
+
+    # --- the fold ----------------------------------------------------------------------------
+
+    def observe(self, data: str) -> None:
+        """Apply one stored event to the state (used to rebuild after a restart)."""
+        if data != "[DONE]":
+            self._apply(json.loads(data))
+
+    def _apply(self, ev: dict[str, Any]) -> None:
+        kind, output = ev["type"], self.response["output"]
+        if kind in ("response.output_text.delta", "response.reasoning_text.delta"):
+            output[ev["output_index"]]["content"][ev["content_index"]]["text"] += ev["delta"]
+        elif kind == "response.output_item.added":
+            output.append(copy.deepcopy(ev["item"]))
+        elif kind == "response.content_part.added":
+            output[ev["output_index"]]["content"].append(dict(ev["part"]))
+        elif kind == "response.output_item.done":
+            output[ev["output_index"]] = copy.deepcopy(ev["item"])
+        elif "response" in ev:
+            self.response = {**ev["response"], "output": output}
+
+    def current(self) -> dict[str, Any]:
+        """The response object as of the events seen so far."""
+        return {**self.response, "output": copy.deepcopy(self.response["output"])}
+
+    def result(self, s: Session, datas: list[str]) -> dict[str, Any]:
+        fold = ResponsesFormatter(s)
+        for data in datas:
+            fold.observe(data)
+        return fold.current()
+
+    # --- events ------------------------------------------------------------------------------
+
+    def _ev(self, kind: str, **fields: Any) -> Out:
+        payload = {"type": kind, "sequence_number": self.s.next_index + self.pending, **fields}
+        self.pending += 1
+        data = dumps(payload)  # serialized before the fold mutates anything it shares
+        self._apply(payload)
+        return data, kind
+
+    def _snapshot(self, status: str, **fields: Any) -> dict[str, Any]:
+        return {**self.current(), "status": status, **fields}
+
+    def created(self) -> list[Out]:
+        self.pending = 0
+        return [self._ev("response.created", response=self._snapshot("queued"))]
+
+    def start(self) -> list[Out]:
+        self.pending = 0
+        return [self._ev("response.in_progress", response=self._snapshot("in_progress"))]
+
+    def _open(self) -> dict[str, Any] | None:
+        output = self.response["output"]
+        return output[-1] if output and output[-1]["status"] == "in_progress" else None
+
+    def _open_item(self, reasoning: bool) -> list[Out]:
+        index = len(self.response["output"])
+        if reasoning:
+            item = {"id": f"rs_{self.s.id}_{index}", "type": "reasoning", "summary": [],
+                    "content": [], "status": "in_progress"}
+            part = {"type": "reasoning_text", "text": ""}
+        else:
+            item = {"id": f"msg_{self.s.id}_{index}", "type": "message", "status": "in_progress",
+                    "role": "assistant", "content": []}
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        return [self._ev("response.output_item.added", output_index=index, item=item),
+                self._ev("response.content_part.added", item_id=item["id"], output_index=index,
+                         content_index=0, part=part)]
+
+    def _close_item(self, status: str) -> list[Out]:
+        item = self._open()
+        if item is None:
+            return []
+        index, part = len(self.response["output"]) - 1, item["content"][0]
+        reasoning = item["type"] == "reasoning"
+        where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        done = (self._ev("response.reasoning_text.done", **where, text=part["text"]) if reasoning
+                else self._ev("response.output_text.done", **where, text=part["text"], logprobs=[]))
+        return [done, self._ev("response.content_part.done", **where, part=dict(part)),
+                self._ev("response.output_item.done", output_index=index,
+                         item={**copy.deepcopy(item), "status": status})]
+
+    def delta(self, text: str, kind: str = "content") -> list[Out]:
+        self.pending = 0
+        reasoning = kind == "reasoning"
+        out: list[Out] = []
+        item = self._open()
+        if item is None or (item["type"] == "reasoning") != reasoning:
+            out += self._close_item("completed") + self._open_item(reasoning)
+            item = self._open()
+        where = {"item_id": item["id"], "output_index": len(self.response["output"]) - 1,
+                 "content_index": 0}
+        if reasoning:
+            out.append(self._ev("response.reasoning_text.delta", **where, delta=text))
+        else:
+            out.append(self._ev("response.output_text.delta", **where, delta=text, logprobs=[]))
+        return out
+
+    def finish(self, reason: str, usage: dict[str, Any] | None) -> list[Out]:
+        self.pending = 0
+        event, status, incomplete = RESPONSE_ENDINGS[reason]
+        out = self._close_item("completed" if status == "completed" else "incomplete")
+        out.append(self._ev(event, response=self._snapshot(
+            status, usage=response_usage(usage), incomplete_details=incomplete)))
+        return out + [DONE]
+
+    def error(self, message: str) -> list[Out]:
+        self.pending = 0
+        out = self._close_item("incomplete")
+        out.append(self._ev("response.failed", response=self._snapshot(
+            "failed", error={"code": "server_error", "message": message})))
+        return out + [DONE]
+
+
+FORMATTERS = {f.kind: f for f in (ChatFormatter, CompletionFormatter, ResponsesFormatter)}
 
 # =============================================================================================
 # 7. Sessions at run time: engine callbacks, attach/detach, disconnect timer, cancel
@@ -795,9 +1019,9 @@ class Runtime:
         self.store, self.engine, self.loop = store, engine, loop
         self.sinks: dict[str, SessionSink] = {}
 
-    def append_all(self, s: Session, datas: list[str]) -> None:
-        for data in datas:
-            self.store.append(s, data)
+    def append_all(self, s: Session, events: list[Out]) -> None:
+        for data, event in events:
+            self.store.append(s, data, event)
 
     def finish(self, s: Session, reason: str, usage: dict[str, int] | None) -> None:
         """Append the terminal events for `reason` and move to the matching terminal state."""
@@ -830,7 +1054,8 @@ class Runtime:
     def arm_disconnect_timer(self, s: Session) -> None:
         """Cancel `s` once no client has been attached for CANCEL_AFTER_DISCONNECT_SECONDS."""
         delay = settings.cancel_after_disconnect_seconds
-        if delay > 0 and not s.terminal:
+        # A background response has no client by design: only cancel stops it.
+        if delay > 0 and not s.terminal and not s.request.get("background"):
             self.loop.call_later(delay, self._disconnect_check, s)
 
     def _disconnect_check(self, s: Session) -> None:
@@ -957,7 +1182,7 @@ def media_url(part: dict[str, Any]) -> Any:
     return value.get("url") if isinstance(value, dict) else value
 
 
-def chat_messages(req: ChatCompletionRequest, handle: ModelHandle) -> list[dict[str, Any]]:
+def chat_messages(messages: list[ChatMessage], handle: ModelHandle) -> list[dict[str, Any]]:
     """Request messages in the shape the chat template wants.
 
     Tokenizer templates get string content; processor templates (vision-language models) get
@@ -966,7 +1191,7 @@ def chat_messages(req: ChatCompletionRequest, handle: ModelHandle) -> list[dict[
     Raises APIError 400 for media the model cannot take, unknown parts, too many media items.
     """
     out, media = [], 0
-    for i, m in enumerate(req.messages):
+    for i, m in enumerate(messages):
         parts = [{"type": "text", "text": m.content}] if isinstance(m.content, str) else (m.content or [])
         content: list[dict[str, Any]] = []
         for j, part in enumerate(parts):
@@ -1100,10 +1325,11 @@ def redact_media(body: dict[str, Any]) -> dict[str, Any]:
     return walk(body)
 
 
-def sampling_params(req: ChatCompletionRequest, handle: ModelHandle,
-                    prompt_tokens: int) -> SamplingParams:
-    """Resolve request fields and server defaults; 400 when the context cannot hold them."""
-    requested = req.max_completion_tokens or req.max_tokens
+def sampling_params(req: Any, handle: ModelHandle, prompt_tokens: int,
+                    requested: int | None) -> SamplingParams:
+    """Resolve a request's sampling fields (any of the three APIs: fields it lacks count as
+    unset) and the server defaults; 400 when the context cannot hold prompt + `requested`."""
+    field = lambda name: getattr(req, name, None)  # noqa: E731
     room = None if handle.context_length is None else handle.context_length - prompt_tokens
     if room is not None and (room <= 0 or (requested is not None and requested > room)):
         raise APIError(400, f"this model's maximum context length is {handle.context_length} "
@@ -1116,7 +1342,7 @@ def sampling_params(req: ChatCompletionRequest, handle: ModelHandle,
         max_new = min(max_new, room)
     vocab = handle.model.get_input_embeddings().weight.shape[0]
     bias: dict[int, float] = {}
-    for key, value in (req.logit_bias or {}).items():
+    for key, value in (field("logit_bias") or {}).items():
         if not 0 <= int(key) < vocab:
             raise APIError(400, f"logit_bias token id {key} is outside the vocabulary "
                                 f"(0..{vocab - 1})", param="logit_bias")
@@ -1124,12 +1350,12 @@ def sampling_params(req: ChatCompletionRequest, handle: ModelHandle,
     return SamplingParams(
         max_new_tokens=max_new,
         temperature=settings.temperature if req.temperature is None else req.temperature,
-        top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
-        repetition_penalty=req.repetition_penalty,
-        presence_penalty=req.presence_penalty or 0.0,
-        frequency_penalty=req.frequency_penalty or 0.0, logit_bias=bias,
-        min_tokens=min(req.min_tokens or 0, max_new), ignore_eos=bool(req.ignore_eos),
-        seed=req.seed, stop=req.stop)
+        top_p=req.top_p, top_k=field("top_k"), min_p=field("min_p"),
+        repetition_penalty=field("repetition_penalty"),
+        presence_penalty=field("presence_penalty") or 0.0,
+        frequency_penalty=field("frequency_penalty") or 0.0, logit_bias=bias,
+        min_tokens=min(field("min_tokens") or 0, max_new), ignore_eos=bool(field("ignore_eos")),
+        seed=field("seed"), stop=field("stop"))
 
 
 def sse_response(rt: Runtime, s: Session, after: int, status_code: int = 200) -> EventSourceResponse:
@@ -1175,11 +1401,11 @@ async def completed_response(rt: Runtime, s: Session, request: Request) -> JSONR
     if s.deleted:
         raise APIError(404, f"session {s.id} was deleted", param="session_id")
     datas = [ev.data async for ev in rt.store.events(s, -1)]
-    if s.state == "failed":
+    if s.state == "failed" and s.kind != ResponsesFormatter.kind:
         message = next((json.loads(d)["error"]["message"] for d in datas if d.startswith('{"error"')),
                        "generation failed")
         raise APIError(500, message, type="server_error", code="generation_failed")
-    return JSONResponse(s.formatter.completion(s, datas), headers={"X-Session-Id": s.id})
+    return JSONResponse(s.formatter.result(s, datas), headers={"X-Session-Id": s.id})
 
 
 def session_object(s: Session) -> dict[str, Any]:
@@ -1223,6 +1449,7 @@ async def list_models(request: Request):
 def model_object(handle: ModelHandle, created: float) -> dict[str, Any]:
     return {"id": handle.name, "object": "model", "created": int(created), "owned_by": "resumable",
             "input_modalities": list(handle.input_modalities),
+            "supported_apis": ["chat_completions", "completions", "responses"],
             "context_length": handle.context_length, "state": handle.state}
 
 
@@ -1234,16 +1461,29 @@ async def retrieve_model(model: str, request: Request):
     return model_object(handle, request.app.state.started)
 
 
-async def chat_completions(body: ChatCompletionRequest, request: Request,
-                           last_event_id_header: str | None = Header(None, alias="Last-Event-ID"),
-                           last_event_id: str | None = Query(None)):
-    """`POST /v1/chat/completions` (OpenAI API reference, Chat Completions) in a session.
+@dataclass
+class Prepared:
+    """A route's preparation of a new session: model inputs, sampling, what the session stores
+    of the request, and the reasoning split (see `reasoning_start`)."""
 
-    Same `session_id` and same body attaches to the existing session; a different body is 409.
-    `Last-Event-ID` (header or `?last_event_id=`) resumes after that event.
+    inputs: dict[str, torch.Tensor]
+    params: SamplingParams
+    stored: dict[str, Any]
+    thinking: bool | None = None
+
+
+async def run_session(request: Request, body, kind: str, prepare, header_id: str | None,
+                      query_id: str | None) -> Any:
+    """The flow every generation route shares (../shared/CONTRACT.md, Sessions and Resume).
+
+    Resolves the session id (body `session_id`, or the session named by Last-Event-ID),
+    attaches to an existing session with the same body (409 for another body), otherwise
+    calls `prepare(raw_body) -> Prepared` (in which the route validates and tokenizes),
+    creates the session, queues its job (429 when full) and answers: SSE when `stream`, the
+    response object at once for a background response, else the finished object.
     """
     rt, handle = runtime_of(request), request.app.state.model
-    resume = parse_last_event_id(last_event_id_header or last_event_id)
+    resume = parse_last_event_id(header_id or query_id)
     session_id = body.session_id
     if resume is not None:
         if session_id is not None and session_id != resume[0]:
@@ -1261,34 +1501,309 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
         raise APIError(404, f"session {session_id!r} not found (unknown, deleted or expired)",
                        param="Last-Event-ID", code="session_not_found")
     if existing is None:
-        refuse_unsupported(body)
         require_ready(handle)
-        messages = chat_messages(body, handle)
-        inputs = await asyncio.to_thread(prepare_chat_inputs, handle, messages,
-                                         body.chat_template_kwargs or {})
-        params = sampling_params(body, handle, int(inputs["input_ids"].shape[-1]))
-        thinking = reasoning_start(handle, inputs)
+        prepared: Prepared = await prepare(raw)
         existing = rt.store.get(session_id) if session_id else None  # raced while preparing?
     if existing is not None:
-        if existing.body_digest != digest:
+        if existing.body_digest != digest or existing.kind != kind:
             raise APIError(409, f"session {session_id} already exists with a different request "
                                 f"body; use a new session_id", param="session_id",
                            code="session_conflict")
-        return (sse_response(rt, existing, after) if body.stream
-                else await completed_response(rt, existing, request))
+        return await respond(rt, existing, body.stream, after, request)
     if not rt.engine.has_room():
         raise APIError(429, f"too many queued requests (MAX_QUEUED_REQUESTS="
                             f"{settings.max_queued_requests}); retry shortly",
                        code="queue_full", headers={"Retry-After": "1"})
-    s = rt.store.create(session_id or new_session_id(), ChatFormatter.kind, handle.name, digest,
-                        redact_media(raw))
-    s.formatter = ChatFormatter(s)
-    sink = SessionSink(rt, s, int(inputs["input_ids"].shape[-1]))
+    s = rt.store.create(session_id or new_session_id(), kind, handle.name, digest, prepared.stored)
+    s.formatter = FORMATTERS[kind](s)
+    rt.append_all(s, s.formatter.created())
+    sink = SessionSink(rt, s, int(prepared.inputs["input_ids"].shape[-1]))
     rt.sinks[s.id] = sink
-    rt.engine.submit(GenerationJob(s, inputs, params, sink, thinking))
+    rt.engine.submit(GenerationJob(s, prepared.inputs, prepared.params, sink, prepared.thinking))
     s.last_detached_at = time.monotonic()
     rt.arm_disconnect_timer(s)
-    return sse_response(rt, s, -1) if body.stream else await completed_response(rt, s, request)
+    return await respond(rt, s, body.stream, -1, request)
+
+
+async def respond(rt: Runtime, s: Session, stream: bool, after: int, request: Request):
+    if stream:
+        return sse_response(rt, s, after)
+    if s.kind == ResponsesFormatter.kind and s.request.get("background"):
+        return JSONResponse(await current_object(rt, s), headers={"X-Session-Id": s.id})
+    return await completed_response(rt, s, request)
+
+
+async def current_object(rt: Runtime, s: Session) -> dict[str, Any]:
+    """The session's API object as of now (partial output while it runs)."""
+    return s.formatter.result(s, [ev.data for ev in await rt.store.read(s)])
+
+
+async def chat_completions(body: ChatCompletionRequest, request: Request,
+                           last_event_id_header: str | None = Header(None, alias="Last-Event-ID"),
+                           last_event_id: str | None = Query(None)):
+    """`POST /v1/chat/completions` (OpenAI API reference, Chat Completions) in a session.
+
+    Same `session_id` and same body attaches to the existing session; a different body is 409.
+    `Last-Event-ID` (header or `?last_event_id=`) resumes after that event.
+    """
+    refuse_unsupported(body)
+    handle: ModelHandle = request.app.state.model
+
+    async def prepare(raw: dict[str, Any]) -> Prepared:
+        messages = chat_messages(body.messages, handle)
+        inputs = await asyncio.to_thread(prepare_chat_inputs, handle, messages,
+                                         body.chat_template_kwargs or {})
+        params = sampling_params(body, handle, int(inputs["input_ids"].shape[-1]),
+                                 body.max_completion_tokens or body.max_tokens)
+        return Prepared(inputs, params, redact_media(raw), reasoning_start(handle, inputs))
+
+    return await run_session(request, body, ChatFormatter.kind, prepare, last_event_id_header,
+                             last_event_id)
+
+
+# --- legacy completions -------------------------------------------------------------------------
+
+def prompt_ids(handle: ModelHandle, prompt: Any) -> tuple[torch.Tensor, str]:
+    """`prompt` (a string, a list of one string, or token ids) to input_ids (1, n) and its text.
+
+    Several prompts in one request are 501 (one session runs one generation).
+    """
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) > 1:
+            raise APIError(501, "several prompts in one request are not supported: send one "
+                                "prompt per request", param="prompt", code="unsupported_field")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        ids = handle.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        return ids, prompt
+    vocab = len(handle.tokenizer)
+    if not prompt or any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
+        raise APIError(400, f"prompt token ids must be integers in 0..{vocab - 1}", param="prompt")
+    return torch.tensor([prompt]), handle.tokenizer.decode(prompt)
+
+
+async def completions(body: CompletionRequest, request: Request,
+                      last_event_id_header: str | None = Header(None, alias="Last-Event-ID"),
+                      last_event_id: str | None = Query(None)):
+    """`POST /v1/completions` (OpenAI API reference, legacy Completions) in a session: the raw
+    prompt, no chat template. Resume and cancel as for chat."""
+    for name, bad in (("n", body.n not in (None, 1)), ("best_of", body.best_of not in (None, 1)),
+                      ("logprobs", body.logprobs is not None)):
+        if bad:
+            raise APIError(501, f"'{name}' is not supported by this server", param=name,
+                           code="unsupported_field")
+    if body.suffix:
+        raise APIError(501, "'suffix' is not supported: the served model cannot fill in the "
+                            "middle", param="suffix", code="unsupported_field")
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true",
+                       param="stream_options")
+    handle: ModelHandle = request.app.state.model
+
+    async def prepare(raw: dict[str, Any]) -> Prepared:
+        ids, text = prompt_ids(handle, body.prompt)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        params = sampling_params(body, handle, ids.shape[-1], body.max_tokens)
+        return Prepared(inputs, params, {**raw, "_echo_text": text} if body.echo else raw)
+
+    return await run_session(request, body, CompletionFormatter.kind, prepare,
+                             last_event_id_header, last_event_id)
+
+
+# --- the Responses API ----------------------------------------------------------------------
+
+RESPONSE_ITEM_TYPES_501 = {"function_call", "function_call_output", "file_search_call",
+                           "web_search_call", "computer_call", "computer_call_output",
+                           "code_interpreter_call", "image_generation_call", "local_shell_call",
+                           "mcp_call", "mcp_list_tools", "custom_tool_call", "item_reference"}
+
+
+def refuse_unsupported_response(body: ResponsesRequest) -> None:
+    """501 naming each known Responses feature this server does not implement."""
+    checks = [
+        ("tools", bool(body.tools), "tools and function calling"),
+        ("tool_choice", body.tool_choice not in (None, "none", "auto"), "tool_choice"),
+        ("conversation", body.conversation is not None, "conversation objects"),
+        ("prompt", body.prompt is not None, "prompt templates"),
+        ("include", bool(body.include), "include"),
+        ("top_logprobs", bool(body.top_logprobs), "logprobs"),
+        ("truncation", body.truncation not in (None, "disabled"), "truncation 'auto'"),
+        ("text", (body.text or {}).get("format", {}).get("type", "text") != "text",
+         "structured output (text.format other than text)"),
+        ("reasoning", (body.reasoning or {}).get("summary") is not None, "reasoning summaries"),
+    ]
+    for param, bad, feature in checks:
+        if bad:
+            raise APIError(501, f"{feature} is not supported by this server", param=param,
+                           code="unsupported_field")
+
+
+def response_input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
+    """`input` as a list of message items `{"type": "message", "role", "content": [parts]}`.
+
+    Raises APIError 501 for tool and file items/parts, 400 for shapes it cannot read.
+    """
+    raw = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
+    items = []
+    for i, item in enumerate(raw):
+        kind = item.get("type", "message")
+        if kind in RESPONSE_ITEM_TYPES_501:
+            raise APIError(501, f"input items of type {kind!r} are not supported by this server",
+                           param=f"input[{i}]", code="unsupported_field")
+        if kind == "reasoning":
+            continue  # earlier reasoning is context the chat templates drop anyway
+        if kind != "message" or item.get("role") not in ("user", "assistant", "system",
+                                                          "developer"):
+            raise APIError(400, f"input[{i}] must be a message with role user, assistant, system "
+                                f"or developer", param=f"input[{i}]")
+        content = item.get("content")
+        parts = [{"type": "input_text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(parts, list):
+            raise APIError(400, f"input[{i}].content must be a string or a list of parts",
+                           param=f"input[{i}].content")
+        for j, part in enumerate(parts):
+            if part.get("type") in ("input_file", "input_audio"):
+                raise APIError(501, f"{part['type']} parts are not supported by this server",
+                               param=f"input[{i}].content[{j}]", code="unsupported_field")
+        items.append({"type": "message", "role": item["role"], "content": parts})
+    return items
+
+
+def item_messages(items: list[dict[str, Any]]) -> list[ChatMessage]:
+    """Message items to chat messages: input_text/output_text become text parts."""
+    out = []
+    for item in items:
+        parts = []
+        for part in item["content"]:
+            if part.get("type") in ("input_text", "output_text", "text"):
+                parts.append({"type": "text", "text": part.get("text", "")})
+            elif part.get("type") == "refusal":
+                parts.append({"type": "text", "text": part.get("refusal", "")})
+            else:
+                url = media_url(part)
+                if isinstance(url, str) and url.startswith("data:") and ",sha256:" in url:
+                    raise APIError(400, "an earlier response in this conversation carried inline "
+                                        "media, which is not stored: send the conversation in "
+                                        "full instead of previous_response_id",
+                                   param="previous_response_id")
+                parts.append(part)
+        out.append(ChatMessage(role=item["role"], content=parts))
+    return out
+
+
+def response_session(rt: Runtime, response_id: str) -> Session:
+    """The session behind `resp_<session id>`; 404 if unknown or not a response."""
+    sid = response_id[5:] if response_id.startswith("resp_") else response_id
+    s = rt.store.get(sid) if SESSION_ID_RE.match(sid) else None
+    if s is None or s.kind != ResponsesFormatter.kind:
+        raise APIError(404, f"response {response_id!r} not found (unknown, deleted or expired)",
+                       param="response_id", code="response_not_found")
+    return s
+
+
+async def previous_conversation(rt: Runtime, response_id: str) -> list[dict[str, Any]]:
+    """The stored input and output of a previous response, as message items."""
+    try:
+        prev = response_session(rt, response_id)
+    except APIError as e:
+        raise APIError(404, f"previous_response_id {response_id!r} not found (unknown, deleted or "
+                            f"expired)", param="previous_response_id",
+                       code="previous_response_not_found") from e
+    if prev.request.get("store") is False:
+        raise APIError(400, f"previous response {response_id} was created with store=false and "
+                            f"cannot be continued", param="previous_response_id")
+    if not prev.terminal:
+        raise APIError(400, f"previous response {response_id} is still {prev.state}; wait for it "
+                            f"to finish", param="previous_response_id")
+    output = (await current_object(rt, prev))["output"]
+    answers = [{"type": "message", "role": "assistant", "content": [
+        {"type": "output_text", "text": part["text"]} for part in item["content"]]}
+        for item in output if item["type"] == "message"]
+    return prev.request.get("_conversation", []) + answers
+
+
+async def create_response(body: ResponsesRequest, request: Request,
+                          last_event_id_header: str | None = Header(None, alias="Last-Event-ID"),
+                          last_event_id: str | None = Query(None)):
+    """`POST /v1/responses` (OpenAI API reference, Responses) in a session: stream, non-stream
+    or `background`; `previous_response_id` continues a stored conversation."""
+    refuse_unsupported_response(body)
+    rt, handle = runtime_of(request), request.app.state.model
+
+    async def prepare(raw: dict[str, Any]) -> Prepared:
+        items = response_input_items(body)
+        history = (await previous_conversation(rt, body.previous_response_id)
+                   if body.previous_response_id else [])
+        messages = item_messages(history + items)
+        if body.instructions:
+            messages.insert(0, ChatMessage(role="system", content=body.instructions))
+        template_kwargs = dict(body.chat_template_kwargs or {})
+        if (body.reasoning or {}).get("effort") == "none":
+            template_kwargs.setdefault("enable_thinking", False)
+        chat = chat_messages(messages, handle)
+        inputs = await asyncio.to_thread(prepare_chat_inputs, handle, chat, template_kwargs)
+        params = sampling_params(body, handle, int(inputs["input_ids"].shape[-1]),
+                                 body.max_output_tokens)
+        stored = redact_media({**raw, "_input_items": items, "_conversation": history + items})
+        return Prepared(inputs, params, stored, reasoning_start(handle, inputs))
+
+    return await run_session(request, body, ResponsesFormatter.kind, prepare,
+                             last_event_id_header, last_event_id)
+
+
+async def retrieve_response(response_id: str, request: Request, stream: bool = False,
+                            starting_after: int | None = Query(None, ge=-1),
+                            last_event_id_header: str | None = Header(None, alias="Last-Event-ID"),
+                            last_event_id: str | None = Query(None)):
+    """`GET /v1/responses/{id}`: the response with its current status and output so far; with
+    `?stream=true`, its events after `starting_after` (a sequence number) or Last-Event-ID,
+    then live ones."""
+    rt = runtime_of(request)
+    s = response_session(rt, response_id)
+    if stream:
+        after = (starting_after if starting_after is not None
+                 else resume_point(s.id, last_event_id_header, last_event_id))
+        return sse_response(rt, s, after)
+    if s.request.get("store") is False:
+        raise APIError(404, f"response {response_id} was created with store=false",
+                       param="response_id", code="response_not_found")
+    return JSONResponse(await current_object(rt, s), headers={"X-Session-Id": s.id})
+
+
+async def cancel_response(response_id: str, request: Request):
+    """`POST /v1/responses/{id}/cancel`: idempotent; answers the response object."""
+    rt = runtime_of(request)
+    s = response_session(rt, response_id)
+    await rt.cancel(s)
+    return JSONResponse(await current_object(rt, s), headers={"X-Session-Id": s.id})
+
+
+async def delete_response(response_id: str, request: Request):
+    rt = runtime_of(request)
+    s = response_session(rt, response_id)
+    if not s.terminal:
+        await rt.cancel(s)
+    await rt.store.delete(s.id)
+    return {"id": f"resp_{s.id}", "object": "response.deleted", "deleted": True}
+
+
+async def response_input_items_route(response_id: str, request: Request,
+                                     order: str = Query("desc", pattern="^(asc|desc)$"),
+                                     limit: int = Query(20, ge=1, le=100),
+                                     after: str | None = None):
+    """`GET /v1/responses/{id}/input_items`: the input items of this request (OpenAI's list
+    shape, newest first by default)."""
+    s = response_session(runtime_of(request), response_id)
+    items = [{"id": f"msg_{s.id}_in{i}", **item}
+             for i, item in enumerate(s.request.get("_input_items", []))]
+    if order == "desc":
+        items.reverse()
+    if after is not None:
+        ids = [item["id"] for item in items]
+        items = items[ids.index(after) + 1:] if after in ids else []
+    page = items[:limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
 
 
 async def get_session(session_id: str, request: Request):
@@ -1339,11 +1854,14 @@ async def ready(request: Request):
 # =============================================================================================
 
 
-def recover(rt: Runtime, unfinished: list[Session]) -> None:
+async def recover(rt: Runtime, unfinished: list[Session]) -> None:
     """Sessions that were running when the server stopped end as `interrupted`: their stored
-    events stay, then the terminal chunk and `[DONE]` (../shared/CONTRACT.md, Sessions)."""
+    events stay, then the terminal events and `[DONE]` (../shared/CONTRACT.md, Sessions).
+    Stateful formatters first see the stored events, so their ending matches them."""
     for s in unfinished:
         log.info("session %s was %s when the server stopped: interrupted", s.id, s.state)
+        for ev in await rt.store.read(s):
+            s.formatter.observe(ev.data)
         rt.finish(s, "interrupted", None)
 
 
@@ -1372,7 +1890,7 @@ async def lifespan(app: FastAPI):
     app.state.runtime = rt
     for s in store.sessions.values():
         s.formatter = FORMATTERS[s.kind](s)
-    recover(rt, unfinished)
+    await recover(rt, unfinished)
     threading.Thread(target=lambda: (load_model(handle), handle.state == "ready" and engine.start()),
                      name="model-loader", daemon=True).start()
     sweeper = asyncio.create_task(sweep_loop(store))
@@ -1425,6 +1943,12 @@ def create_app() -> FastAPI:
     app.get("/v1/models")(list_models)
     app.get("/v1/models/{model:path}")(retrieve_model)
     app.post("/v1/chat/completions")(chat_completions)
+    app.post("/v1/completions")(completions)
+    app.post("/v1/responses")(create_response)
+    app.get("/v1/responses/{response_id}")(retrieve_response)
+    app.post("/v1/responses/{response_id}/cancel")(cancel_response)
+    app.delete("/v1/responses/{response_id}")(delete_response)
+    app.get("/v1/responses/{response_id}/input_items")(response_input_items_route)
     app.get("/v1/sessions/{session_id}")(get_session)
     app.get("/v1/sessions/{session_id}/stream")(stream_session)
     app.delete("/v1/sessions/{session_id}")(delete_session)

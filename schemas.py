@@ -109,3 +109,98 @@ class ChatCompletionRequest(BaseModel):
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
         return v
+
+
+class CompletionRequest(BaseModel):
+    """Body of `POST /v1/completions` (OpenAI API reference, legacy Completions), plus
+    `session_id` and the vLLM sampling extensions."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    model: str | None = None
+    session_id: str | None = Field(None, pattern=SESSION_ID_PATTERN)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # OpenAI's default for legacy completions is 16 tokens.
+    max_tokens: int | None = Field(16, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    n: int | None = Field(None, ge=1, le=128)
+    best_of: int | None = Field(None, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    min_tokens: int | None = Field(None, ge=0)
+    ignore_eos: bool | None = None
+
+    _stop_list = field_validator("stop")(ChatCompletionRequest._stop_list.__func__)
+    _bias_range = field_validator("logit_bias")(ChatCompletionRequest._bias_range.__func__)
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt must not be an empty list")
+        return v
+
+
+class ResponsesRequest(BaseModel):
+    """Body of `POST /v1/responses` (OpenAI API reference, Responses), plus `session_id`.
+
+    `input` is a string or a list of input items (messages with `input_text`/`input_image`
+    parts, or earlier `output_text`); main.py checks the items and refuses features it cannot
+    honour with 501.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    input: str | list[dict[str, Any]]
+    model: str | None = None
+    session_id: str | None = Field(None, pattern=SESSION_ID_PATTERN)
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    store: bool = True
+    background: bool = False
+    metadata: dict[str, str] | None = None
+    previous_response_id: str | None = None
+    reasoning: dict[str, Any] | None = None
+    text: dict[str, Any] | None = None
+    truncation: str | None = None
+    user: str | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    parallel_tool_calls: bool | None = None
+
+    # Known features this server refuses with 501 when set.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    conversation: str | dict[str, Any] | None = None
+    prompt: dict[str, Any] | None = None
+    include: list[str] | None = None
+    top_logprobs: int | None = None
+    max_tool_calls: int | None = None
+
+    # vLLM sampling extensions.
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    min_tokens: int | None = Field(None, ge=0)
+    ignore_eos: bool | None = None
+    seed: int | None = None
+    chat_template_kwargs: dict[str, Any] | None = None

@@ -321,11 +321,16 @@ class SessionStore:
         if self._db is None and wanted < s.ring_start:
             raise EventsGone(s.id, wanted, s.ring_start)
 
-    async def events(self, s: Session, after: int = -1) -> AsyncIterator[Event]:
-        """Yield the session's events with index > `after`, then follow live ones.
+    async def read(self, s: Session) -> list[Event]:
+        """Every event readable now, without waiting for more."""
+        return [ev async for ev in self.events(s, -1, follow=False)]
 
-        Ends after the last event of a terminal session, or when the session is deleted.
-        Raises EventsGone if the reader falls behind the ring with persistence off.
+    async def events(self, s: Session, after: int = -1, follow: bool = True) -> AsyncIterator[Event]:
+        """Yield the session's events with index > `after`, then (if `follow`) live ones.
+
+        Ends after the last event of a terminal session, or when the session is deleted; with
+        `follow=False`, once the visible events are read. Raises EventsGone if the reader falls
+        behind the ring with persistence off.
         """
         i = after + 1
         while True:
@@ -344,7 +349,7 @@ class SessionStore:
                         raise EventsGone(s.id, i, ev.index)
                     i += 1
                     yield ev
-            if s.deleted or (s.terminal and i >= s.next_index):
+            if s.deleted or (s.terminal and i >= s.next_index) or not follow:
                 return
             await wake.wait()
 

@@ -65,3 +65,29 @@ def test_graceful_stop_mid_stream_interrupts(make_server):
         usage = http.get(f"/v1/sessions/{s}").json()["usage"]
         assert usage is None or usage["completion_tokens"] >= 1
         json.dumps(usage)
+
+
+def test_response_survives_kill_9(make_server):
+    import openai
+    srv = make_server().start()
+    c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+    stream = c.responses.create(model="m", input="Tell me a long story.", max_output_tokens=400,
+                                stream=True, extra_body={"ignore_eos": True})
+    seen = []
+    for event in stream:
+        seen.append(event)
+        if len(seen) == 12:
+            break
+    response_id = seen[0].response.id
+    srv.kill()
+    srv.start()
+    c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+    rest = list(c.responses.retrieve(response_id, stream=True,
+                                     starting_after=seen[-1].sequence_number))
+    joined = seen + rest
+    assert [e.sequence_number for e in joined] == list(range(len(joined)))
+    assert joined[-1].type == "response.incomplete"
+    final = c.responses.retrieve(response_id)
+    assert final.status == "incomplete" and final.incomplete_details.reason == "interrupted"
+    text = "".join(e.delta for e in joined if e.type == "response.output_text.delta")
+    assert final.output_text == text and final.output[0].status == "incomplete"
