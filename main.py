@@ -1358,6 +1358,19 @@ def sampling_params(req: Any, handle: ModelHandle, prompt_tokens: int,
         seed=field("seed"), stop=field("stop"))
 
 
+class KeepAlive(ServerSentEvent):
+    """A keep-alive comment on a line of its own, with no blank line after it.
+
+    The WHATWG SSE spec dispatches nothing for a block without data, but the openai SDK
+    dispatches an event (with empty data, which it then fails to parse as JSON) at every blank
+    line once any `id:` has been seen. A comment needs only its line terminator, so `: ping\n`
+    keeps proxies from timing out and dispatches nothing in any client.
+    """
+
+    def encode(self) -> bytes:
+        return b": ping\n"
+
+
 def sse_response(rt: Runtime, s: Session, after: int, status_code: int = 200) -> EventSourceResponse:
     """The session's events after `after` as SSE, `id: <session>:<index>` on every event.
 
@@ -1382,7 +1395,8 @@ def sse_response(rt: Runtime, s: Session, after: int, status_code: int = 200) ->
             rt.detach(s)
 
     return EventSourceResponse(events(), status_code=status_code, ping=settings.sse_ping_seconds,
-                               sep="\n", headers={"X-Session-Id": s.id})
+                               ping_message_factory=KeepAlive, sep="\n",
+                               headers={"X-Session-Id": s.id})
 
 
 async def completed_response(rt: Runtime, s: Session, request: Request) -> JSONResponse:

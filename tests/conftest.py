@@ -86,20 +86,6 @@ def server(tmp_path_factory):
     srv.stop()
 
 
-@pytest.fixture
-def make_server(tmp_path):
-    started: list[Server] = []
-
-    def make(**env: str) -> Server:
-        srv = Server(tmp_path, **env)
-        started.append(srv)
-        return srv
-
-    yield make
-    for srv in started:
-        srv.stop()
-
-
 # --- SSE reading over raw httpx ---------------------------------------------------------------
 
 def read_events(client: httpx.Client, method: str, url: str, limit: int | None = None,

@@ -22,6 +22,14 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    import main
+    return AutoTokenizer.from_pretrained(main.embedded_model_dir(), gguf_file=main.EMBEDDED_GGUF)
+
+
 @pytest.fixture
 def http(server):
     with httpx.Client(base_url=server.url, timeout=60) as c:
@@ -40,11 +48,7 @@ def test_capital_of_france_with_openai_sdk(client):
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
-def test_usage_counts_are_real_token_counts(client):
-    from transformers import AutoTokenizer
-
-    import main
-    tok = AutoTokenizer.from_pretrained(main.embedded_model_dir(), gguf_file=main.EMBEDDED_GGUF)
+def test_usage_counts_are_real_token_counts(client, tok):
     prompt_ids = tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True,
                                          return_dict=True)["input_ids"]
     r = client.chat.completions.create(model="m", messages=QUESTION, temperature=0, max_tokens=30)
@@ -367,7 +371,7 @@ def test_server_keeps_serving_after_errors(client, http):
     assert "Paris" in r.choices[0].message.content
 
 
-def test_sampling_extensions_are_honoured(client):
+def test_sampling_extensions_are_honoured(client, tok):
     base = dict(model="m", messages=QUESTION, temperature=0, max_tokens=12)
     plain = client.chat.completions.create(**base)
     # min_tokens/ignore_eos: the model may not stop before the floor.
@@ -379,10 +383,6 @@ def test_sampling_extensions_are_honoured(client):
                                                extra_body={"repetition_penalty": 1.3, "top_k": 5})
     assert penalized.choices[0].message.content
     # logit_bias of -100 on the first answer token removes it from the answer.
-    from transformers import AutoTokenizer
-
-    import main
-    tok = AutoTokenizer.from_pretrained(main.embedded_model_dir(), gguf_file=main.EMBEDDED_GGUF)
     first = tok(plain.choices[0].message.content, add_special_tokens=False)["input_ids"][0]
     biased = client.chat.completions.create(**base, logit_bias={str(first): -100})
     assert tok(biased.choices[0].message.content,

@@ -14,7 +14,7 @@ from conftest import LONG, finish_reason_of, read_events
 def mem_server(tmp_path_factory):
     from conftest import Server
     srv = Server(tmp_path_factory.mktemp("mem"), PERSIST_SESSIONS="0", RING_BUFFER_SIZE="8",
-                 CANCEL_AFTER_DISCONNECT_SECONDS="1").start()
+                 CANCEL_AFTER_DISCONNECT_SECONDS="1", SSE_PING_SECONDS="0.2").start()
     yield srv
     srv.stop()
 
@@ -38,7 +38,7 @@ def test_attached_client_keeps_the_session_alive(mem_server):
     with httpx.Client(base_url=mem_server.url, timeout=60) as http:
         # Reads for longer than the 1 s timer while attached: never cancelled.
         _, events = read_events(http, "POST", "/v1/chat/completions",
-                                json={**LONG, "max_tokens": 150, "stream": True})
+                                json={**LONG, "max_tokens": 60, "stream": True})
         assert finish_reason_of(events) == "length"
 
 
@@ -56,3 +56,22 @@ def test_evicted_events_are_410_and_recent_ones_replay(mem_server):
         _, tail = read_events(http, "GET", f"/v1/sessions/{s}/stream",
                               headers={"Last-Event-ID": f"{s}:{n - 9}"})
         assert tail == events[n - 8:]
+
+
+def test_keepalive_pings_do_not_break_the_openai_sdk(mem_server):
+    # The SDK dispatches an empty event at any blank line once an id was seen; pings must be
+    # single-line comments so that long streams (here: many pings) parse cleanly.
+    import openai
+    client = openai.OpenAI(base_url=mem_server.url + "/v1", api_key="unused", max_retries=0)
+    chunks = list(client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=60,
+        stream=True, extra_body={"ignore_eos": True}))
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 30
+    events = list(client.responses.create(model="m", input="Tell me a story.",
+                                          max_output_tokens=40, stream=True,
+                                          extra_body={"ignore_eos": True}))
+    assert events[-1].type == "response.incomplete"
+    with httpx.stream("POST", mem_server.url + "/v1/chat/completions", json={
+            **LONG, "max_tokens": 40, "stream": True}) as r:
+        raw = r.read()
+    assert b": ping" in raw and b": ping\n\n" not in raw and raw.endswith(b"data: [DONE]\n\n")

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-import json
-
 import httpx
 
-from conftest import LONG, finish_reason_of, read_events
+import pytest
+
+from conftest import LONG, Server, finish_reason_of, read_events
 
 
-def test_kill_9_mid_stream_then_resume(make_server):
-    srv = make_server().start()
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    """One server for the module: each test kills or stops it and starts it again on the same
+    database (a start costs about 20 s, most of it loading the model)."""
+    server = Server(tmp_path_factory.mktemp("restart")).start()
+    yield server
+    server.stop()
+
+
+def test_kill_9_mid_stream_then_resume(srv):
     s = "crash-1"
     body = {**LONG, "stream": True, "session_id": s}
     with httpx.Client(base_url=srv.url, timeout=60) as http:
@@ -42,16 +50,9 @@ def test_kill_9_mid_stream_then_resume(make_server):
             "messages": [{"role": "user", "content": "What is the capital of France?"}],
             "temperature": 0, "max_tokens": 20})
         assert "Paris" in r.json()["choices"][0]["message"]["content"]
-    srv.stop()
-    # A graceful stop ends nothing twice: the session is still the same after another restart.
-    srv.start()
-    with httpx.Client(base_url=srv.url, timeout=60) as http:
-        _, again = read_events(http, "GET", f"/v1/sessions/{s}/stream")
-        assert again == replay
 
 
-def test_graceful_stop_mid_stream_interrupts(make_server):
-    srv = make_server().start()
+def test_graceful_stop_mid_stream_interrupts(srv):
     s = "graceful-1"
     with httpx.Client(base_url=srv.url, timeout=60) as http:
         _, seen = read_events(http, "POST", "/v1/chat/completions", limit=5,
@@ -63,13 +64,15 @@ def test_graceful_stop_mid_stream_interrupts(make_server):
         assert replay[:5] == seen
         assert finish_reason_of(replay) == "interrupted" and replay[-1]["data"] == "[DONE]"
         usage = http.get(f"/v1/sessions/{s}").json()["usage"]
-        assert usage is None or usage["completion_tokens"] >= 1
-        json.dumps(usage)
+        assert usage["completion_tokens"] >= 1  # known after a graceful stop
+        # The session that crashed earlier is unchanged by this second restart.
+        _, again = read_events(http, "GET", "/v1/sessions/crash-1/stream")
+        assert finish_reason_of(again) == "interrupted" and again[-1]["data"] == "[DONE]"
+        assert sum(1 for e in again if "interrupted" in e["data"]) == 1
 
 
-def test_response_survives_kill_9(make_server):
+def test_response_survives_kill_9(srv):
     import openai
-    srv = make_server().start()
     c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
     stream = c.responses.create(model="m", input="Tell me a long story.", max_output_tokens=400,
                                 stream=True, extra_body={"ignore_eos": True})
