@@ -1088,6 +1088,12 @@ class Runtime:
             self.finish(s, "cancelled", sink.usage_so_far())
         return True
 
+    async def forget(self, s: Session) -> None:
+        """DELETE: cancel `s` if it runs, then drop it and its events."""
+        if not s.terminal:
+            await self.cancel(s)
+        await self.store.delete(s.id)
+
     def interrupt_all(self) -> None:
         """On shutdown: end every unfinished session as `interrupted`."""
         for s in list(self.store.sessions.values()):
@@ -1795,9 +1801,7 @@ async def cancel_response(response_id: str, request: Request):
 async def delete_response(response_id: str, request: Request):
     rt = runtime_of(request)
     s = response_session(rt, response_id)
-    if not s.terminal:
-        await rt.cancel(s)
-    await rt.store.delete(s.id)
+    await rt.forget(s)
     return {"id": f"resp_{s.id}", "object": "response.deleted", "deleted": True}
 
 
@@ -1837,9 +1841,7 @@ async def stream_session(session_id: str, request: Request,
 async def delete_session(session_id: str, request: Request):
     rt = runtime_of(request)
     s = lookup(rt, session_id)
-    if not s.terminal:
-        await rt.cancel(s)
-    await rt.store.delete(s.id)
+    await rt.forget(s)
     return {"id": s.id, "object": "session.deleted", "deleted": True}
 
 

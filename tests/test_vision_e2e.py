@@ -331,3 +331,36 @@ def test_server_unharmed_after_bad_media(http, media_root):
     for name, body, _, _ in _bad_cases(media_root):
         post(http, body)
     assert post(http, ask(image_part("red.png"))).status_code == 200
+
+
+# --- the Responses API on a vision, thinking model ------------------------------------------------
+
+def test_responses_with_input_image_and_reasoning_items(vl):
+    import openai
+    client = openai.OpenAI(base_url=vl.url + "/v1", api_key="unused", max_retries=0)
+    small = client.responses.create(model="m", max_output_tokens=6, extra_body={"ignore_eos": True},
+                                    input=[{"role": "user", "content": [
+                                        {"type": "input_image",
+                                         "image_url": data_url(png(64, 64), "image/png")},
+                                        {"type": "input_text", "text": "Describe."}]}])
+    big = client.responses.create(model="m", max_output_tokens=6, extra_body={"ignore_eos": True},
+                                  input=[{"role": "user", "content": [
+                                      {"type": "input_image",
+                                       "image_url": data_url(png(256, 256), "image/png")},
+                                      {"type": "input_text", "text": "Describe."}]}])
+    assert small.usage.input_tokens < big.usage.input_tokens
+    # The template opened <think>: the output is a reasoning item, streamed as reasoning_text.
+    assert small.output[0].type == "reasoning" and small.output[0].content[0].text
+    assert small.usage.output_tokens_details.reasoning_tokens == 6
+    events = list(client.responses.create(model="m", input="Think.", max_output_tokens=6,
+                                          stream=True, extra_body={"ignore_eos": True}))
+    types = [e.type for e in events]
+    assert "response.reasoning_text.delta" in types and "response.output_text.delta" not in types
+    final = events[-1].response
+    assert final.output[0].type == "reasoning"
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == \
+        final.output[0].content[0].text
+    # reasoning effort "none" turns thinking off: a message item with output_text.
+    plain = client.responses.create(model="m", input="Answer.", max_output_tokens=6,
+                                    reasoning={"effort": "none"}, extra_body={"ignore_eos": True})
+    assert [item.type for item in plain.output] == ["message"] and plain.output_text
