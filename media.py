@@ -34,6 +34,13 @@ from qwen_vl_utils.vision_process import smart_resize
 # promise more than this (a decompression bomb); an 8K photo (33 MP) still passes.
 MAX_DECODE_PIXELS = 40_000_000
 MAX_REDIRECTS = 5
+# Demuxers accepted for video. FFmpeg guesses the format from the bytes, and some formats are
+# scripts that open other files (concat, HLS playlists): only plain containers are allowed,
+# and no protocol may be opened from inside the data.
+VIDEO_DEMUXERS = frozenset({"mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matroska", "webm",
+                            "avi", "mpegts", "flv", "ogg", "gif", "h264", "hevc", "mpeg"})
+# Packets one video may have: decoding time is bounded by this, not by the byte cap alone.
+MAX_VIDEO_PACKETS = 20_000
 
 
 class MediaError(Exception):
@@ -218,20 +225,36 @@ def decode_video(data: bytes, limits: MediaLimits, factor: int, param: str) -> V
     images, and when nothing decodes.
     """
     try:
-        container = av.open(io.BytesIO(data))
+        container = av.open(io.BytesIO(data), options={"protocol_whitelist": "none"})
     except (av.error.FFmpegError, ValueError, OSError) as e:
         raise MediaError(400, f"not a decodable video ({type(e).__name__})", param) from e
     with container:
+        name = container.format.name
+        if name == "image2" or name.endswith("_pipe"):
+            raise MediaError(400, f"this is an image ({name}), not a video: send it as an "
+                                  f"image_url part", param)
+        if not set(name.split(",")) & VIDEO_DEMUXERS:
+            raise MediaError(400, f"unsupported video container {name!r}", param)
         if not container.streams.video:
             raise MediaError(400, "the media has no video stream", param)
-        if container.format.name == "image2" or container.format.name.endswith("_pipe"):
-            raise MediaError(400, f"this is an image ({container.format.name}), not a video: "
-                                  f"send it as an image_url part", param)
         stream = container.streams.video[0]
         fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
         base = float(stream.time_base) if stream.time_base else 1.0 / fps
+        w, h = stream.codec_context.width, stream.codec_context.height
+        if not w or not h:
+            raise MediaError(400, "the video stream has no frame size", param)
+        if w * h > MAX_DECODE_PIXELS:
+            raise MediaError(413, f"video frames are {w}x{h} pixels, over the decode limit of "
+                                  f"{MAX_DECODE_PIXELS}", param)
         try:
-            pts = sorted(p.pts for p in container.demux(stream) if p.size and p.pts is not None)
+            pts = []
+            for p in container.demux(stream):
+                if p.size and p.pts is not None:
+                    pts.append(p.pts)
+                    if len(pts) > MAX_VIDEO_PACKETS:
+                        raise MediaError(413, f"the video has more than {MAX_VIDEO_PACKETS} "
+                                              f"frames", param)
+            pts.sort()
         except (av.error.FFmpegError, ValueError, OSError) as e:
             raise MediaError(400, f"not a decodable video ({type(e).__name__})", param) from e
         if not pts:
@@ -239,9 +262,6 @@ def decode_video(data: bytes, limits: MediaLimits, factor: int, param: str) -> V
         total = len(pts)
         want = min(limits.max_video_frames, total)
         picks = sorted({round(i * (total - 1) / max(want - 1, 1)) for i in range(want)})
-        w, h = stream.codec_context.width, stream.codec_context.height
-        if not w or not h:
-            raise MediaError(400, "the video stream has no frame size", param)
         per_frame = max(limits.max_video_pixels // len(picks), factor * factor)
         th, tw = smart_resize(h, w, factor=factor, min_pixels=factor * factor, max_pixels=per_frame)
         wanted, arrays, indices = set(picks), [], []

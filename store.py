@@ -218,7 +218,11 @@ class SessionStore:
     async def close(self) -> None:
         """Commit what is queued, then close the database."""
         if self._writer is not None:
-            await self.flush()
+            try:
+                await asyncio.wait_for(self.flush(), 15)
+            except asyncio.TimeoutError:
+                log.error("session store: writes still failing at shutdown; uncommitted events "
+                          "are lost, as no client could have seen them")
             self._writer.cancel()
             try:
                 await self._writer
@@ -389,7 +393,14 @@ class SessionStore:
             rows.clear()
 
     async def _commit(self, batch: list[tuple]) -> None:
-        for attempt in range(5):
+        """Commit `batch` in one transaction, then make its events visible.
+
+        A failed commit is retried (back-off up to 5 s) until it succeeds: events of an
+        uncommitted batch never become visible, so streams stall on a broken disk rather than
+        show a client events a crash could lose.
+        """
+        attempt = 0
+        while True:
             try:
                 rows: list[tuple] = []
                 for op in batch:
@@ -407,15 +418,14 @@ class SessionStore:
                 self.commits += 1
                 break
             except Exception:  # noqa: BLE001 - a write error must not kill the writer task
-                log.exception("session store commit failed (attempt %d of 5)", attempt + 1)
+                attempt += 1
+                log.exception("session store commit failed (attempt %d); its %d writes stay "
+                              "invisible until a retry succeeds", attempt, len(batch))
                 try:
                     await self._db.rollback()
                 except Exception:  # noqa: BLE001
                     pass
-                await asyncio.sleep(0.2 * (attempt + 1))
-        else:
-            # The events stay served from memory so live clients go on; they are not durable.
-            log.error("session store gave up on %d writes: those events are memory-only", len(batch))
+                await asyncio.sleep(min(5.0, 0.2 * attempt))
         touched: dict[int, Session] = {}
         for op in batch:
             if op[0] == "event":

@@ -111,3 +111,20 @@ def test_frame_sampling_is_even_and_timed(frames, cap, expect):
 def test_video_pixel_budget_shrinks_frames():
     v = decode_video(mp4(8, size=(640, 480)), MediaLimits(max_video_pixels=8 * 64 * 64), 32, "p")
     assert v.frames.shape[1] * v.frames.shape[2] <= 64 * 64
+
+
+def test_ffconcat_script_cannot_read_local_files(tmp_path, monkeypatch):
+    # FFmpeg guesses formats from bytes: an ffconcat script "video" would open local files,
+    # bypassing MEDIA_ROOT. Only real video containers are accepted.
+    (tmp_path / "secret.mp4").write_bytes(mp4(4))
+    monkeypatch.chdir(tmp_path)
+    script = b"ffconcat version 1.0\nfile 'secret.mp4'\n"
+    with pytest.raises(MediaError) as e:
+        decode_video(script, MediaLimits(), 32, "p")
+    assert e.value.status == 400
+
+
+def test_huge_video_frames_are_refused():
+    with pytest.raises(MediaError) as e:
+        decode_video(mp4(2, size=(8192, 8192)), MediaLimits(), 32, "p")
+    assert e.value.status == 413

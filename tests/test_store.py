@@ -209,3 +209,32 @@ def test_create_refuses_a_taken_id(tmp_path):
             store.create("a", "k", "m", "d", {})
 
     run(go())
+
+
+def test_failed_commit_never_makes_events_visible(tmp_path):
+    async def go():
+        store = await opened(tmp_path / "s.db")
+        s = store.create("a", "k", "m", "d", {})
+        await store.flush()
+        real_commit, failures = store._db.commit, []
+
+        async def flaky_commit():
+            if len(failures) < 6:  # the disk "fails" six times, then recovers
+                failures.append(1)
+                raise OSError("disk full")
+            await real_commit()
+
+        store._db.commit = flaky_commit
+        store.append(s, "e0")
+        store.append(s, "e1")
+        while len(failures) < 6:
+            await asyncio.sleep(0.01)
+            assert s.visible == 0  # never visible while uncommitted
+        await store.flush()
+        assert s.visible == 2
+        rows = sqlite3.connect(tmp_path / "s.db").execute(
+            "SELECT idx, data FROM events ORDER BY idx").fetchall()
+        assert rows == [(0, "e0"), (1, "e1")]
+        await store.close()
+
+    run(go())
