@@ -1638,6 +1638,16 @@ RESPONSE_ITEM_TYPES_501 = {"function_call", "function_call_output", "file_search
                            "mcp_call", "mcp_list_tools", "custom_tool_call", "item_reference"}
 
 
+def text_format_type(text: Any) -> str:
+    """`text.format.type` of a Responses request ("text" when absent); 400 if malformed."""
+    fmt = (text or {}).get("format") if isinstance(text, dict) or text is None else text
+    if fmt is None:
+        return "text"
+    if not isinstance(fmt, dict) or not isinstance(fmt.get("type", "text"), str):
+        raise APIError(400, "text.format must be an object with a type", param="text.format")
+    return fmt.get("type", "text")
+
+
 def refuse_unsupported_response(body: ResponsesRequest) -> None:
     """501 naming each known Responses feature this server does not implement."""
     checks = [
@@ -1648,7 +1658,7 @@ def refuse_unsupported_response(body: ResponsesRequest) -> None:
         ("include", bool(body.include), "include"),
         ("top_logprobs", bool(body.top_logprobs), "logprobs"),
         ("truncation", body.truncation not in (None, "disabled"), "truncation 'auto'"),
-        ("text", (body.text or {}).get("format", {}).get("type", "text") != "text",
+        ("text", text_format_type(body.text) != "text",
          "structured output (text.format other than text)"),
         ("reasoning", (body.reasoning or {}).get("summary") is not None, "reasoning summaries"),
     ]
@@ -1682,6 +1692,9 @@ def response_input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
             raise APIError(400, f"input[{i}].content must be a string or a list of parts",
                            param=f"input[{i}].content")
         for j, part in enumerate(parts):
+            if not isinstance(part, dict):
+                raise APIError(400, f"input[{i}].content[{j}] must be a content part object",
+                               param=f"input[{i}].content[{j}]")
             if part.get("type") in ("input_file", "input_audio"):
                 raise APIError(501, f"{part['type']} parts are not supported by this server",
                                param=f"input[{i}].content[{j}]", code="unsupported_field")

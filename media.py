@@ -135,6 +135,26 @@ def _file_bytes(path: str, limits: MediaLimits, param: str) -> bytes:
         return f.read()
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address):
+    """The IPv4 address an IPv6 address carries (mapped, NAT64, 6to4, Teredo, IPv4-compatible
+    forms), else the address itself: `::ffff:127.0.0.1` must be judged as 127.0.0.1."""
+    if isinstance(ip, ipaddress.IPv4Address):
+        return ip
+    if ip.ipv4_mapped:
+        return ip.ipv4_mapped
+    if ip.sixtofour:
+        return ip.sixtofour
+    if ip.teredo:
+        return ip.teredo[1]
+    if ip in _NAT64 or (ip in _IPV4_COMPATIBLE and int(ip) > 1):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip
+
+
 def check_host(host: str, port: int, allow_private: bool, param: str) -> None:
     """Refuse hosts that resolve into non-public address space (SSRF), unless allowed."""
     try:
@@ -144,9 +164,7 @@ def check_host(host: str, port: int, allow_private: bool, param: str) -> None:
     if allow_private:
         return
     for info in infos:
-        ip = ipaddress.ip_address(info[4][0].split("%", 1)[0])
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
+        ip = embedded_ipv4(ipaddress.ip_address(info[4][0].split("%", 1)[0]))
         if not ip.is_global or ip.is_multicast:
             raise MediaError(400, f"media url host {host!r} resolves to a private, loopback, "
                                   f"link-local or reserved address; such urls are refused "

@@ -252,9 +252,13 @@ class SessionStore:
 
     def create(self, session_id: str, kind: str, model: str, body_digest: str,
                request: dict[str, Any]) -> Session:
-        """Register a new `queued` session. Raises KeyError if the id is taken."""
-        if session_id in self.sessions:
-            raise KeyError(session_id)
+        """Register a new `queued` session. Raises KeyError if a live session has the id
+        (an expired one not yet swept is dropped first: its id is free again)."""
+        taken = self.sessions.get(session_id)
+        if taken is not None:
+            if not self._expired(taken, time.time()):
+                raise KeyError(session_id)
+            self._drop(session_id)
         s = Session(id=session_id, kind=kind, model=model, created=time.time(),
                     body_digest=body_digest, request=request,
                     ring=deque(maxlen=self.ring_size))
@@ -297,6 +301,9 @@ class SessionStore:
 
     async def delete(self, session_id: str) -> bool:
         """Forget a session and its events. Returns False if it was not known."""
+        return self._drop(session_id)
+
+    def _drop(self, session_id: str) -> bool:
         s = self.sessions.pop(session_id, None)
         if s is None:
             return False

@@ -14,7 +14,9 @@ from test_vision_e2e import bomb_png, mp4, png
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1",
                                   "169.254.169.254", "100.64.0.1", "0.0.0.0", "::1", "fd00::1",
-                                  "fe80::1", "::ffff:127.0.0.1", "224.0.0.1", "localhost"])
+                                  "fe80::1", "::ffff:127.0.0.1", "224.0.0.1", "localhost",
+                                  "::127.0.0.1", "64:ff9b::a00:1", "2002:7f00:1::1",
+                                  "2002:a9fe:a9fe::1"])
 def test_non_public_addresses_are_refused(host):
     with pytest.raises(MediaError) as e:
         check_host(host, 80, allow_private=False, param="p")

@@ -190,6 +190,18 @@ def test_unsupported_features_are_501(http, extra, param):
     assert r.json()["error"]["param"] == param
 
 
+@pytest.mark.parametrize("extra,param", [
+    ({"text": {"format": None}}, None),
+    ({"text": {"format": "x"}}, "text.format"),
+    ({"input": [{"role": "user", "content": ["hi"]}]}, "input[0].content[0]"),
+])
+def test_malformed_response_fields_are_400_not_500(http, extra, param):
+    r = http.post("/v1/responses", json={"input": "Hi", "max_output_tokens": 2, **extra})
+    assert r.status_code == (200 if param is None else 400), r.text
+    if param:
+        assert r.json()["error"]["param"] == param
+
+
 def test_unknown_response_fields_are_ignored(http):
     r = http.post("/v1/responses", json={"input": "Hi", "max_output_tokens": 3,
                                          "some_new_field": True})

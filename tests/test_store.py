@@ -238,3 +238,20 @@ def test_failed_commit_never_makes_events_visible(tmp_path):
         await store.close()
 
     run(go())
+
+
+def test_an_expired_id_can_be_used_again_before_the_sweep(tmp_path):
+    async def go():
+        store = await opened(tmp_path / "s.db", ttl=0.05)
+        old = store.create("a", "k", "m", "d1", {})
+        finish(store, old)
+        await asyncio.sleep(0.1)  # expired, not swept
+        new = store.create("a", "k", "m", "d2", {})
+        assert store.get("a") is new and new.next_index == 0
+        store.append(new, "fresh")
+        await store.flush()
+        rows = sqlite3.connect(tmp_path / "s.db").execute("SELECT data FROM events").fetchall()
+        assert rows == [("fresh",)]
+        await store.close()
+
+    run(go())
