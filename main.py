@@ -694,6 +694,10 @@ class ChatFormatter:
         self.base = {"id": f"chatcmpl-{s.id}", "object": "chat.completion.chunk",
                      "created": int(s.created), "model": s.model,
                      "system_fingerprint": SYSTEM_FINGERPRINT}
+        # A running fold of what this formatter emitted: the result when the log's start was
+        # evicted (memory-only mode). Valid for sessions generated in this process.
+        self.texts: dict[str, list[str]] = {"content": [], "reasoning": []}
+        self.finish_reason: str | None = None
 
     def observe(self, data: str) -> None:
         """Stateless: nothing to rebuild from stored events."""
@@ -713,9 +717,11 @@ class ChatFormatter:
 
     def delta(self, text: str, kind: str = "content") -> list[Out]:
         """A content chunk, or for kind "reasoning" a `reasoning_content` chunk (vLLM's field)."""
+        self.texts["reasoning" if kind == "reasoning" else "content"].append(text)
         return [self._chunk({"reasoning_content" if kind == "reasoning" else "content": text})]
 
     def finish(self, reason: str, usage: dict[str, Any] | None) -> list[Out]:
+        self.finish_reason = reason
         out = [self._chunk({}, reason)]
         if self.include_usage and usage is not None:
             out.append((dumps({**self.base, "choices": [], "usage": usage}), None))
@@ -735,6 +741,14 @@ class ChatFormatter:
                 text.append(choice["delta"].get("content") or "")
                 reasoning.append(choice["delta"].get("reasoning_content") or "")
                 finish_reason = choice.get("finish_reason") or finish_reason
+        return self._object(s, text, reasoning, finish_reason)
+
+    def live_result(self, s: Session) -> dict[str, Any]:
+        """The same object from the running fold, without reading the log."""
+        return self._object(s, self.texts["content"], self.texts["reasoning"], self.finish_reason)
+
+    def _object(self, s: Session, text: list[str], reasoning: list[str],
+                finish_reason: str | None) -> dict[str, Any]:
         message = {"role": "assistant", "content": "".join(text), "refusal": None}
         if any(reasoning):
             message["reasoning_content"] = "".join(reasoning)
@@ -768,12 +782,17 @@ class CompletionFormatter(ChatFormatter):
         return dumps(chunk), None
 
     def start(self) -> list[Out]:
-        return [self._text(self.echo_text)] if self.echo_text else []
+        if not self.echo_text:
+            return []
+        self.texts["content"].append(self.echo_text)
+        return [self._text(self.echo_text)]
 
     def delta(self, text: str, kind: str = "content") -> list[Out]:
+        self.texts["content"].append(text)
         return [self._text(text)]
 
     def finish(self, reason: str, usage: dict[str, Any] | None) -> list[Out]:
+        self.finish_reason = reason
         out = [self._text("", reason)]
         if self.include_usage and usage is not None:
             out.append((dumps({**self.base, "choices": [], "usage": usage}), None))
@@ -787,6 +806,10 @@ class CompletionFormatter(ChatFormatter):
             for choice in json.loads(data).get("choices", []):
                 text.append(choice["text"])
                 finish_reason = choice.get("finish_reason") or finish_reason
+        return self._object(s, text, [], finish_reason)
+
+    def _object(self, s: Session, text: list[str], reasoning: list[str],
+                finish_reason: str | None) -> dict[str, Any]:
         return {**self.base, "choices": [{"text": "".join(text), "index": 0, "logprobs": None,
                                           "finish_reason": finish_reason}], "usage": s.usage}
 
@@ -869,6 +892,9 @@ class ResponsesFormatter:
         for data in datas:
             fold.observe(data)
         return fold.current()
+
+    def live_result(self, s: Session) -> dict[str, Any]:
+        return self.current()
 
     # --- events ------------------------------------------------------------------------------
 
@@ -1020,23 +1046,22 @@ class Runtime:
         self.sinks: dict[str, SessionSink] = {}
 
     def append_all(self, s: Session, events: list[Out]) -> None:
-        for data, event in events:
-            self.store.append(s, data, event)
+        self.store.append_many(s, events)
 
     def finish(self, s: Session, reason: str, usage: dict[str, int] | None) -> None:
-        """Append the terminal events for `reason` and move to the matching terminal state."""
+        """Append the terminal events for `reason` and move to the matching terminal state,
+        in one transaction."""
         if s.terminal or s.deleted:
             return
-        self.append_all(s, s.formatter.finish(reason, usage))
-        self.store.set_state(s, FINISH_STATES[reason], reason, usage)
+        self.store.append_many(s, s.formatter.finish(reason, usage), FINISH_STATES[reason],
+                               reason, usage)
         GENERATIONS_FINISHED.labels(reason).inc()
         self.sinks.pop(s.id, None)
 
     def fail(self, s: Session, message: str) -> None:
         if s.terminal or s.deleted:
             return
-        self.append_all(s, s.formatter.error(message))
-        self.store.set_state(s, "failed", None)
+        self.store.append_many(s, s.formatter.error(message), "failed")
         GENERATIONS_FINISHED.labels("error").inc()
         self.sinks.pop(s.id, None)
 
@@ -1420,12 +1445,12 @@ async def completed_response(rt: Runtime, s: Session, request: Request) -> JSONR
         rt.detach(s)
     if s.deleted:
         raise APIError(404, f"session {s.id} was deleted", param="session_id")
-    datas = [ev.data async for ev in rt.store.events(s, -1)]
     if s.state == "failed" and s.kind != ResponsesFormatter.kind:
+        datas = [ev.data for ev in s.ring]  # the error event is among the last ones
         message = next((json.loads(d)["error"]["message"] for d in datas if d.startswith('{"error"')),
                        "generation failed")
         raise APIError(500, message, type="server_error", code="generation_failed")
-    return JSONResponse(s.formatter.result(s, datas), headers={"X-Session-Id": s.id})
+    return JSONResponse(await current_object(rt, s), headers={"X-Session-Id": s.id})
 
 
 def session_object(s: Session) -> dict[str, Any]:
@@ -1554,8 +1579,12 @@ async def respond(rt: Runtime, s: Session, stream: bool, after: int, request: Re
 
 
 async def current_object(rt: Runtime, s: Session) -> dict[str, Any]:
-    """The session's API object as of now (partial output while it runs)."""
-    return s.formatter.result(s, [ev.data for ev in await rt.store.read(s)])
+    """The session's API object as of now (partial output while it runs). Folded from the log;
+    from the formatter's running fold when the log's start is gone (memory-only mode)."""
+    try:
+        return s.formatter.result(s, [ev.data for ev in await rt.store.read(s)])
+    except EventsGone:
+        return s.formatter.live_result(s)
 
 
 async def chat_completions(body: ChatCompletionRequest, request: Request,
@@ -1889,9 +1918,13 @@ async def recover(rt: Runtime, unfinished: list[Session]) -> None:
     Stateful formatters first see the stored events, so their ending matches them."""
     for s in unfinished:
         log.info("session %s was %s when the server stopped: interrupted", s.id, s.state)
-        for ev in await rt.store.read(s):
-            s.formatter.observe(ev.data)
-        rt.finish(s, "interrupted", None)
+        try:
+            for ev in await rt.store.read(s):
+                s.formatter.observe(ev.data)
+            rt.finish(s, "interrupted", None)
+        except Exception:  # noqa: BLE001 - one damaged session must not stop the server
+            log.exception("session %s could not be recovered; marked interrupted as is", s.id)
+            rt.store.set_state(s, "interrupted", "interrupted")
 
 
 async def sweep_loop(store: SessionStore) -> None:

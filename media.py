@@ -21,6 +21,7 @@ import ipaddress
 import os
 import re
 import socket
+import time
 import urllib.parse
 from dataclasses import dataclass
 
@@ -172,6 +173,9 @@ def check_host(host: str, port: int, allow_private: bool, param: str) -> None:
 
 
 def _http_bytes(url: str, limits: MediaLimits, param: str) -> bytes:
+    # httpx's timeout bounds each read; the deadline bounds the whole fetch (a server sending
+    # a byte every few seconds must not hold a worker thread for ever).
+    deadline = time.monotonic() + limits.fetch_timeout_seconds
     timeout = httpx.Timeout(limits.fetch_timeout_seconds)
     with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
         for _ in range(MAX_REDIRECTS + 1):
@@ -193,6 +197,8 @@ def _http_bytes(url: str, limits: MediaLimits, param: str) -> bytes:
                                          param)
                     chunks, size = [], 0
                     for chunk in r.iter_bytes():
+                        if time.monotonic() > deadline:
+                            raise httpx.ReadTimeout("media fetch deadline passed")
                         size += len(chunk)
                         if size > limits.max_bytes:
                             raise MediaError(413, f"media is larger than {limits.max_bytes} "

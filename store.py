@@ -273,6 +273,12 @@ class SessionStore:
         Call it after appending the terminal events: readers stop once the session is terminal
         and they have read every event.
         """
+        self._set_fields(s, state, finish_reason, usage)
+        self._write_session(s)
+        s.wake()
+
+    def _set_fields(self, s: Session, state: str, finish_reason: str | None,
+                    usage: dict[str, Any] | None) -> None:
         s.state = state
         if finish_reason is not None:
             s.finish_reason = finish_reason
@@ -280,8 +286,6 @@ class SessionStore:
             s.usage = usage
         if state in TERMINAL_STATES:
             s.ended_at = time.time()
-        self._write_session(s)
-        s.wake()
 
     def append(self, s: Session, data: str, event: str | None = None) -> int:
         """Append one event to the session's log and return its index.
@@ -298,6 +302,29 @@ class SessionStore:
         else:
             self._writes.put_nowait(("event", s, ev))
         return idx
+
+    def append_many(self, s: Session, items: list[tuple[str, str | None]],
+                    state: str | None = None, finish_reason: str | None = None,
+                    usage: dict[str, Any] | None = None) -> None:
+        """Append (data, event) items, and optionally move to `state`, in one transaction.
+
+        What one engine callback produces (an item opened with its part, or the terminal events
+        with the terminal state) is committed together, so a crash never splits it.
+        """
+        ops = []
+        for data, event in items:
+            ev = Event(s.next_index, data, event)
+            s.ring.append(ev)
+            s.next_index += 1
+            ops.append(("event", s, ev))
+        if state is not None:
+            self._set_fields(s, state, finish_reason, usage)
+            ops.append(self._session_op(s))
+        if self._db is None:
+            s.visible = s.next_index
+            s.wake()
+        elif ops:
+            self._writes.put_nowait(("group", ops))
 
     async def delete(self, session_id: str) -> bool:
         """Forget a session and its events. Returns False if it was not known."""
@@ -378,11 +405,13 @@ class SessionStore:
 
     def _write_session(self, s: Session) -> None:
         if self._db is not None:
-            self._writes.put_nowait(("session", s, (
+            self._writes.put_nowait(self._session_op(s))
+
+    def _session_op(self, s: Session) -> tuple:
+        return ("session", s, (
                 s.id, s.kind, s.model, s.created, s.state, s.body_digest,
                 json.dumps(s.request, separators=(",", ":")), s.finish_reason,
-                json.dumps(s.usage) if s.usage is not None else None, s.ended_at,
-            )))
+                json.dumps(s.usage) if s.usage is not None else None, s.ended_at))
 
     async def _write_loop(self) -> None:
         while True:
@@ -406,6 +435,8 @@ class SessionStore:
         uncommitted batch never become visible, so streams stall on a broken disk rather than
         show a client events a crash could lose.
         """
+        batch = [inner for op in batch
+                 for inner in (op[1] if op[0] == "group" else [op])]
         attempt = 0
         while True:
             try:

@@ -75,3 +75,20 @@ def test_keepalive_pings_do_not_break_the_openai_sdk(mem_server):
             **LONG, "max_tokens": 40, "stream": True}) as r:
         raw = r.read()
     assert b": ping" in raw and b": ping\n\n" not in raw and raw.endswith(b"data: [DONE]\n\n")
+
+
+def test_non_stream_results_longer_than_the_ring(mem_server):
+    # The ring holds 8 events; these answers have ~30: the object comes from the live fold.
+    with httpx.Client(base_url=mem_server.url, timeout=60) as http:
+        chat = http.post("/v1/chat/completions", json={**LONG, "max_tokens": 30})
+        assert chat.status_code == 200, chat.text
+        assert chat.json()["usage"]["completion_tokens"] == 30
+        assert len(chat.json()["choices"][0]["message"]["content"]) > 30
+        comp = http.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 30,
+                                                  "ignore_eos": True})
+        assert comp.status_code == 200 and len(comp.json()["choices"][0]["text"]) > 30
+        resp = http.post("/v1/responses", json={"input": "Tell me a story.",
+                                                "max_output_tokens": 30, "ignore_eos": True})
+        assert resp.status_code == 200 and resp.json()["usage"]["output_tokens"] == 30
+        rid = resp.json()["id"]
+        assert http.get(f"/v1/responses/{rid}").json()["output"][0]["content"][0]["text"]

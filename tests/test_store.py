@@ -255,3 +255,30 @@ def test_an_expired_id_can_be_used_again_before_the_sweep(tmp_path):
         await store.close()
 
     run(go())
+
+
+def test_a_group_and_its_state_commit_together(tmp_path):
+    async def go():
+        store = await opened(tmp_path / "s.db")
+        s = store.create("a", "k", "m", "d", {})
+        await store.flush()
+        batches, real = [], store._commit
+
+        async def recording(batch):
+            batches.append([op for op in batch])
+            await real(batch)
+
+        store._commit = recording
+        for i in range(511):  # fill the writer's queue right up to its group limit
+            store.append(s, str(i))
+        store.append_many(s, [("end-1", None), ("end-2", None), ("[DONE]", None)],
+                          "completed", "stop", {"prompt_tokens": 1})
+        await store.flush()
+        with_group = [b for b in batches if any(op[0] == "group" for op in b)]
+        assert len(with_group) == 1  # the whole group sits in one transaction
+        assert s.state == "completed" and s.visible == 514
+        row = sqlite3.connect(tmp_path / "s.db").execute("SELECT state FROM sessions").fetchone()
+        assert row == ("completed",)
+        await store.close()
+
+    run(go())
