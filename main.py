@@ -393,10 +393,6 @@ class ReasoningParser:
         self.held = ""
         self.strip_newlines = starts_in_reasoning
 
-    @property
-    def in_reasoning(self) -> bool:
-        return self.state == "reasoning"
-
     def feed(self, text: str) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
         buf = self.held + text
@@ -573,7 +569,6 @@ class Engine:
         self.handle = handle
         self.max_queued = max_queued
         self.jobs: queue.Queue[GenerationJob | None] = queue.Queue()
-        self.current: GenerationJob | None = None
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     def start(self) -> None:
@@ -592,7 +587,6 @@ class Engine:
         while (job := self.jobs.get()) is not None:
             if job.session.cancel_event.is_set():
                 continue  # cancelled while queued: the loop side already ended it
-            self.current = job
             try:
                 self._generate(job)
             except Exception as e:  # noqa: BLE001 - one failed job must not stop the engine
@@ -600,8 +594,6 @@ class Engine:
                 job.sink.failed(f"generation failed: {type(e).__name__}: {e}")
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-            finally:
-                self.current = None
 
     def _generate(self, job: GenerationJob) -> None:
         model, p = self.handle.model, job.params

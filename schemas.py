@@ -38,19 +38,21 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
 
 
-class ChatCompletionRequest(BaseModel):
-    """Body of `POST /v1/chat/completions`, plus `session_id` (the resumable-session key)."""
+class VLLMSampling(BaseModel):
+    """vLLM's sampling extensions, honoured on every generation route (CONTRACT.md)."""
 
     model_config = ConfigDict(extra="allow")
 
-    messages: list[ChatMessage] = Field(min_length=1)
-    model: str | None = None
-    session_id: str | None = Field(None, pattern=SESSION_ID_PATTERN)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    min_tokens: int | None = Field(None, ge=0)
+    ignore_eos: bool | None = None
 
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+
+class OpenAISampling(VLLMSampling):
+    """Sampling fields chat and legacy completions share (OpenAI API reference), with checks."""
+
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
@@ -58,36 +60,6 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
-    n: int | None = Field(None, ge=1, le=128)
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-
-    # Informational: accepted and stored, they change nothing in generation.
-    user: str | None = None
-    metadata: dict[str, str] | None = None
-    store: bool | None = None
-    service_tier: str | None = None
-
-    # Known OpenAI features; main.py answers 501 for those it cannot honour when they are set.
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    functions: list[dict[str, Any]] | None = None
-    function_call: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
-    audio: dict[str, Any] | None = None
-    modalities: list[str] | None = None
-    prediction: dict[str, Any] | None = None
-    web_search_options: dict[str, Any] | None = None
-    reasoning_effort: str | None = None
-
-    # vLLM sampling extensions.
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
-    min_tokens: int | None = Field(None, ge=0)
-    ignore_eos: bool | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -112,11 +84,47 @@ class ChatCompletionRequest(BaseModel):
         return v
 
 
-class CompletionRequest(BaseModel):
+class ChatCompletionRequest(OpenAISampling):
+    """Body of `POST /v1/chat/completions`, plus `session_id` (the resumable-session key)."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str | None = None
+    session_id: str | None = Field(None, pattern=SESSION_ID_PATTERN)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1, le=128)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    # Informational: accepted and stored, they change nothing in generation.
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+
+    # Known OpenAI features; main.py answers 501 for those it cannot honour when they are set.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+
+    # vLLM: keyword arguments for the chat template (e.g. {"enable_thinking": false}).
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class CompletionRequest(OpenAISampling):
     """Body of `POST /v1/completions` (OpenAI API reference, legacy Completions), plus
     `session_id` and the vLLM sampling extensions."""
-
-    model_config = ConfigDict(extra="allow")
 
     prompt: str | list[str] | list[int] | list[list[int]]
     model: str | None = None
@@ -125,28 +133,12 @@ class CompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     # OpenAI's default for legacy completions is 16 tokens.
     max_tokens: int | None = Field(16, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
     echo: bool = False
     suffix: str | None = None
     n: int | None = Field(None, ge=1, le=128)
     best_of: int | None = Field(None, ge=1)
     logprobs: int | None = Field(None, ge=0, le=5)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
     user: str | None = None
-
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
-    min_tokens: int | None = Field(None, ge=0)
-    ignore_eos: bool | None = None
-
-    _stop_list = field_validator("stop")(ChatCompletionRequest._stop_list.__func__)
-    _bias_range = field_validator("logit_bias")(ChatCompletionRequest._bias_range.__func__)
 
     @field_validator("prompt")
     @classmethod
@@ -156,15 +148,13 @@ class CompletionRequest(BaseModel):
         return v
 
 
-class ResponsesRequest(BaseModel):
+class ResponsesRequest(VLLMSampling):
     """Body of `POST /v1/responses` (OpenAI API reference, Responses), plus `session_id`.
 
     `input` is a string or a list of input items (messages with `input_text`/`input_image`
     parts, or earlier `output_text`); main.py checks the items and refuses features it cannot
     honour with 501.
     """
-
-    model_config = ConfigDict(extra="allow")
 
     input: str | list[dict[str, Any]]
     model: str | None = None
@@ -197,11 +187,5 @@ class ResponsesRequest(BaseModel):
     top_logprobs: int | None = None
     max_tool_calls: int | None = None
 
-    # vLLM sampling extensions.
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
-    min_tokens: int | None = Field(None, ge=0)
-    ignore_eos: bool | None = None
     seed: int | None = None
     chat_template_kwargs: dict[str, Any] | None = None
