@@ -7,22 +7,28 @@ MEDIA_ROOT. Decoding: Pillow for images, PyAV for video. Sizes: qwen-vl-utils' `
 Why our own fetching rather than qwen-vl-utils' `fetch_image`/`fetch_video`: those fetch any URL
 with no timeout, byte cap or address check. Here every http(s) hop is resolved and refused if it
 points into private, loopback, link-local, multicast, reserved or cloud-metadata address space
-(SSRF), unless ALLOW_PRIVATE_MEDIA_URLS is set; redirects are followed by hand and re-checked;
-bodies are read up to a byte cap. Every failure is a `MediaError` carrying the HTTP status to
-answer (400 bad input, 413 too large) and the request `param` it concerns.
+(SSRF), unless ALLOW_PRIVATE_MEDIA_URLS is set, and the connection goes to exactly the addresses
+checked: a name is resolved once, so a rebinding DNS server cannot answer a public address to
+the check and a private one to the connect. Redirects are followed by hand, each hop resolved,
+checked and pinned anew; bodies are read up to a byte cap. Every failure is a `MediaError`
+carrying the HTTP status to answer (400 bad input, 413 too large) and the request `param` it
+concerns.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import ipaddress
 import os
 import re
 import socket
+import struct
 import time
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import av
@@ -83,8 +89,13 @@ class Video:
 
 # --- fetching ---------------------------------------------------------------------------------
 
-_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?)(?P<b64>;base64)?,",
-                       re.IGNORECASE)
+# A data: URL's header ("data:<type>[;param]*[;base64],") must end within this many characters:
+# the comma is searched for in a bounded prefix, not across a multi-megabyte payload.
+MAX_DATA_URL_HEADER = 1024
+_MIME_TYPE = re.compile(r"[\w.+-]+/[\w.+-]+")
+# `file:///C:/x` has the URL path "/C:/x": on Windows the slash before the drive is not part
+# of the path (RFC 8089 appendix E.2; "C|" is the old spelling of "C:").
+_DRIVE_URL_PATH = re.compile(r"/([A-Za-z])[:|](?=/|$)")
 
 
 def load_bytes(url: str, limits: MediaLimits, param: str) -> bytes:
@@ -97,7 +108,7 @@ def load_bytes(url: str, limits: MediaLimits, param: str) -> bytes:
     if lowered.startswith(("http://", "https://")):
         return _http_bytes(url, limits, param)
     if lowered.startswith("file://"):
-        return _file_bytes(urllib.parse.unquote(urllib.parse.urlparse(url).path), limits, param)
+        return _file_bytes(file_url_path(url, param), limits, param)
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url):
         scheme = url.split("://", 1)[0]
         raise MediaError(400, f"unsupported media url scheme {scheme!r}: use data:, http(s):// "
@@ -106,18 +117,51 @@ def load_bytes(url: str, limits: MediaLimits, param: str) -> bytes:
 
 
 def _data_url_bytes(url: str, limits: MediaLimits, param: str) -> bytes:
-    m = _DATA_URL.match(url)
-    if not m:
-        raise MediaError(400, "malformed data: URL (expected data:<type>;base64,<data>)", param)
-    payload = url[m.end():]
+    """The payload of `data:[<type>][;param]*[;base64],<data>` (base64 only as the last
+    parameter, else percent-encoded). Linear time in the URL's length: string operations on a
+    header of at most MAX_DATA_URL_HEADER characters. Raises MediaError 400 (malformed) or 413.
+    """
+    malformed = MediaError(400, "malformed data: URL (expected data:<type>;base64,<data>)", param)
+    comma = url.find(",", 0, MAX_DATA_URL_HEADER)
+    if comma < 0:
+        raise malformed
+    mime, *params = url[len("data:"):comma].split(";")
+    if mime and not _MIME_TYPE.fullmatch(mime):
+        raise malformed
+    payload = url[comma + 1:]
     if len(payload) * 3 // 4 > limits.max_bytes:
         raise MediaError(413, f"media is larger than {limits.max_bytes} bytes", param)
-    if not m.group("b64"):
+    if not params or params[-1].lower() != "base64":
         return urllib.parse.unquote_to_bytes(payload)
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:
         raise MediaError(400, f"malformed base64 in data: URL ({e})", param) from e
+
+
+def file_url_path(url: str, param: str, windows: bool = os.name == "nt") -> str:
+    """The local path a `file:` URL names, percent-decoded: `file:///srv/a.png` -> "/srv/a.png";
+    with `windows`, `file:///C:/media/a.png` -> "C:/media/a.png" (not "/C:/media/a.png", which
+    Windows reads as C:/media/a.png on the current drive, or refuses). Raises MediaError 400
+    for a URL naming a host other than localhost: on Windows that is a network (SMB) path.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.netloc.lower() not in ("", "localhost"):
+        raise MediaError(400, "file: URLs naming a host are refused: use file:///<path>", param)
+    path = urllib.parse.unquote(parts.path)
+    m = _DRIVE_URL_PATH.match(path) if windows else None
+    return f"{m.group(1)}:{path[m.end():]}" if m else path
+
+
+def inside_root(root: str, full: str, pathmod=os.path) -> bool:
+    """Whether the normalized absolute path `full` is `root` or below it. `pathmod` is the
+    path module whose rules apply (os.path; ntpath or posixpath in tests). A path on another
+    Windows drive or share than root is outside (ntpath.commonpath raises ValueError there)."""
+    try:
+        common = pathmod.commonpath([root, full])
+    except ValueError:
+        return False
+    return pathmod.normcase(common) == pathmod.normcase(root)
 
 
 def _file_bytes(path: str, limits: MediaLimits, param: str) -> bytes:
@@ -126,7 +170,7 @@ def _file_bytes(path: str, limits: MediaLimits, param: str) -> bytes:
                          param)
     root = os.path.realpath(limits.media_root)
     full = os.path.realpath(os.path.join(root, path))  # an absolute `path` replaces root here
-    if os.path.commonpath([root, full]) != root:
+    if not inside_root(root, full):
         raise MediaError(400, "media path is outside MEDIA_ROOT", param)
     if not os.path.isfile(full):
         raise MediaError(400, "media file not found under MEDIA_ROOT", param)
@@ -156,64 +200,122 @@ def embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address):
     return ip
 
 
-def check_host(host: str, port: int, allow_private: bool, param: str) -> None:
-    """Refuse hosts that resolve into non-public address space (SSRF), unless allowed."""
+def check_host(host: str, port: int, allow_private: bool, param: str) -> list[str]:
+    """The addresses `host` resolves to, in the resolver's order, each one checked: the only
+    addresses a fetch may then connect to (resolving again could give other answers). Raises
+    MediaError 400 when the name does not resolve, or when any address is non-public (SSRF),
+    unless `allow_private`."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise MediaError(400, f"media host {host!r} cannot be resolved", param) from e
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))  # IPv6 keeps any "%zone"
     if allow_private:
-        return
-    for info in infos:
-        ip = embedded_ipv4(ipaddress.ip_address(info[4][0].split("%", 1)[0]))
+        return addresses
+    for address in addresses:
+        ip = embedded_ipv4(ipaddress.ip_address(address.split("%", 1)[0]))
         if not ip.is_global or ip.is_multicast:
             raise MediaError(400, f"media url host {host!r} resolves to a private, loopback, "
                                   f"link-local or reserved address; such urls are refused "
                                   f"(ALLOW_PRIVATE_MEDIA_URLS=1 allows them)", param)
+    return addresses
+
+
+@contextlib.contextmanager
+def _pinned_get(target: httpx.URL, addresses: list[str], timeout_seconds: float,
+                deadline: float) -> Iterator[httpx.Response]:
+    """A streamed GET of `target` over a connection to one of `addresses` (tried in order on
+    a refused or failed connect, as a plain connect would), never to a fresh resolution of its
+    host. The request keeps the URL's name where the server looks: the Host header, and for
+    https the TLS SNI and the certificate check (httpcore's `sni_hostname` extension).
+
+    Each network wait is bounded by `timeout_seconds`, connects together also by `deadline`
+    (time.monotonic()). One client per hop: a pooled TLS connection verified for one name must
+    not carry a redirect to another name that pins the same address. Raises httpx errors."""
+    for i, address in enumerate(addresses):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise httpx.ConnectTimeout("media fetch deadline passed")
+        timeout = httpx.Timeout(timeout_seconds, connect=min(timeout_seconds, left))
+        with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
+            request = client.build_request(
+                "GET", target.copy_with(host=address),
+                headers={"Host": target.netloc.decode("ascii")},
+                extensions={"sni_hostname": target.raw_host.decode("ascii")})
+            try:
+                r = client.send(request, stream=True)
+            except httpx.ConnectError:
+                if i + 1 == len(addresses):
+                    raise
+                continue
+            try:
+                yield r
+            finally:
+                r.close()
+            return
 
 
 def _http_bytes(url: str, limits: MediaLimits, param: str) -> bytes:
     # httpx's timeout bounds each read; the deadline bounds the whole fetch (a server sending
     # a byte every few seconds must not hold a worker thread for ever).
     deadline = time.monotonic() + limits.fetch_timeout_seconds
-    timeout = httpx.Timeout(limits.fetch_timeout_seconds)
-    with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
-        for _ in range(MAX_REDIRECTS + 1):
-            parts = urllib.parse.urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise MediaError(400, f"unsupported media redirect target {url[:100]!r}", param)
-            check_host(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80),
-                       limits.allow_private_urls, param)
-            try:
-                with client.stream("GET", url) as r:
-                    if r.is_redirect:
-                        url = urllib.parse.urljoin(url, r.headers.get("location", ""))
-                        continue
-                    if r.status_code != 200:
-                        raise MediaError(400, f"fetching media failed: HTTP {r.status_code}", param)
-                    declared = r.headers.get("content-length")
-                    if declared and declared.isdigit() and int(declared) > limits.max_bytes:
+    for _ in range(MAX_REDIRECTS + 1):
+        try:
+            target = httpx.URL(url)
+        except (httpx.InvalidURL, ValueError):
+            target = None
+        if target is None or target.scheme not in ("http", "https") or not target.raw_host:
+            raise MediaError(400, f"unsupported media redirect target {url[:100]!r}", param)
+        # The name httpx would have connected to (lowercase, IDNA-encoded, IPv6 unbracketed).
+        addresses = check_host(target.raw_host.decode("ascii"),
+                               target.port or (443 if target.scheme == "https" else 80),
+                               limits.allow_private_urls, param)
+        try:
+            with _pinned_get(target, addresses, limits.fetch_timeout_seconds, deadline) as r:
+                if r.is_redirect:
+                    location = r.headers.get("location", "")
+                    try:
+                        url = urllib.parse.urljoin(url, location)
+                    except ValueError as e:  # such as an unclosed "[" in the host
+                        raise MediaError(400, f"unsupported media redirect target "
+                                              f"{location[:100]!r}", param) from e
+                    continue
+                if r.status_code != 200:
+                    raise MediaError(400, f"fetching media failed: HTTP {r.status_code}", param)
+                declared = r.headers.get("content-length")
+                if declared and declared.isdigit() and int(declared) > limits.max_bytes:
+                    raise MediaError(413, f"media is larger than {limits.max_bytes} bytes", param)
+                chunks, size = [], 0
+                for chunk in r.iter_bytes():
+                    if time.monotonic() > deadline:
+                        raise httpx.ReadTimeout("media fetch deadline passed")
+                    size += len(chunk)
+                    if size > limits.max_bytes:
                         raise MediaError(413, f"media is larger than {limits.max_bytes} bytes",
                                          param)
-                    chunks, size = [], 0
-                    for chunk in r.iter_bytes():
-                        if time.monotonic() > deadline:
-                            raise httpx.ReadTimeout("media fetch deadline passed")
-                        size += len(chunk)
-                        if size > limits.max_bytes:
-                            raise MediaError(413, f"media is larger than {limits.max_bytes} "
-                                                  f"bytes", param)
-                        chunks.append(chunk)
-                    return b"".join(chunks)
-            except httpx.TimeoutException as e:
-                raise MediaError(400, f"fetching media timed out after "
-                                      f"{limits.fetch_timeout_seconds:g} s", param) from e
-            except httpx.HTTPError as e:
-                raise MediaError(400, f"fetching media failed: {type(e).__name__}", param) from e
+                    chunks.append(chunk)
+                return b"".join(chunks)
+        except httpx.TimeoutException as e:
+            raise MediaError(400, f"fetching media timed out after "
+                                  f"{limits.fetch_timeout_seconds:g} s", param) from e
+        except httpx.HTTPError as e:
+            raise MediaError(400, f"fetching media failed: {type(e).__name__}", param) from e
     raise MediaError(400, f"media url redirected more than {MAX_REDIRECTS} times", param)
 
 
 # --- decoding ---------------------------------------------------------------------------------
+
+# A library's message can carry an object's repr, such as Pillow's "cannot identify image file
+# <_io.BytesIO object at 0x7f...>": memory addresses and internals are no business of a client.
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def _reason(e: BaseException) -> str:
+    """"Type: message" of a library error for a client's eyes: object reprs cut out, at most
+    200 characters of message."""
+    text = _OBJECT_REPR.sub("", str(e)[:500]).strip()[:200]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
 
 def decode_image(data: bytes, limits: MediaLimits, factor: int, param: str) -> Image.Image:
     """RGB image resized (Qwen's rule) to at most `max_image_pixels`. Raises MediaError."""
@@ -231,9 +333,12 @@ def decode_image(data: bytes, limits: MediaLimits, factor: int, param: str) -> I
     except MediaError:
         raise
     except Image.DecompressionBombError as e:
-        raise MediaError(413, f"image refused as a decompression bomb: {e}", param) from e
-    except (OSError, ValueError, Image.UnidentifiedImageError) as e:
-        raise MediaError(400, f"not a decodable image ({type(e).__name__}: {e})", param) from e
+        raise MediaError(413, f"image refused as a decompression bomb ({_reason(e)})",
+                         param) from e
+    # Pillow's plugins signal broken data with SyntaxError, EOFError and struct.error too, not
+    # only OSError (a PNG with a wrong chunk length raises SyntaxError while loading).
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as e:
+        raise MediaError(400, f"not a decodable image ({_reason(e)})", param) from e
     if img.size != (tw, th):
         img = img.resize((tw, th), Image.Resampling.BICUBIC)
     return img
