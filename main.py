@@ -20,6 +20,7 @@ import os
 import queue
 import re
 import secrets
+import signal
 import threading
 import time
 import uuid
@@ -27,13 +28,16 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
+import jinja2
+import jinja2.meta
 import torch
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import Counter, Gauge, make_asgi_app
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -49,10 +53,12 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.video_utils import VideoMetadata
 
 from media import MediaError, MediaLimits, Video, decode_image, decode_video, load_bytes
+from security import APIKeyMiddleware, HostCheckMiddleware, request_owner, split_list
 from schemas import (SESSION_ID_PATTERN, ChatCompletionRequest, ChatMessage, CompletionRequest,
                      ResponsesRequest)
 from settings import Settings
-from store import EventsGone, Session, SessionStore
+from store import (EventsGone, Session, SessionStore, StoreLocked, StoreOpenError,
+                   StoreUnavailable)
 
 # =============================================================================================
 # 1. Settings and logging
@@ -186,10 +192,21 @@ class ModelHandle:
     thinks: bool = False
     input_modalities: tuple[str, ...] = ("text",)
     load_seconds: float | None = None
+    # Variables the chat template reads (chat_template_kwargs are reduced to these).
+    template_variables: frozenset[str] = frozenset()
+    # Characters the longest token spells: prompts longer than context * this cannot fit.
+    max_token_chars: int = 1
 
 
 def served_model_name() -> str:
-    return settings.model_repo_id.rstrip("/\\") or EMBEDDED_MODEL_NAME
+    """The model's public name: the repo id, or a local directory's last part (a full path
+    would tell every client where the server keeps its files)."""
+    source = settings.model_repo_id.rstrip("/\\")
+    if not source:
+        return EMBEDDED_MODEL_NAME
+    if os.path.isabs(source) or source.startswith(".") or os.path.isdir(source):
+        return os.path.basename(source.replace("\\", "/"))
+    return source
 
 
 def embedded_model_dir() -> str:
@@ -268,6 +285,10 @@ def load_model(handle: ModelHandle) -> None:
         handle.context_length = getattr(config.get_text_config(), "max_position_embeddings", None)
         vocab = handle.tokenizer.get_vocab()
         handle.thinks = THINK_OPEN in vocab and THINK_CLOSE in vocab
+        handle.max_token_chars = max(max(map(len, vocab), default=1), 1)
+        handle.template_variables = template_variables(
+            handle.tokenizer.chat_template,
+            getattr(handle.processor, "chat_template", None)) - RESERVED_TEMPLATE_KWARGS
         if handle.processor is not None:
             handle.input_modalities = ("text",) + tuple(
                 m for m, attr in (("image", "image_processor"), ("video", "video_processor"))
@@ -287,8 +308,8 @@ def require_ready(handle: ModelHandle) -> None:
     if handle.state == "ready":
         return
     if handle.state == "failed":
-        raise APIError(503, f"model {handle.name} failed to load: {handle.error}",
-                       code="model_load_failed", headers={"Retry-After": "60"})
+        raise APIError(503, f"model {handle.name} failed to load; the server is stopping",
+                       code="model_load_failed")
     raise APIError(503, f"model {handle.name} is still loading; retry shortly",
                    code="model_loading", headers={"Retry-After": "5"})
 
@@ -481,6 +502,10 @@ class GenerationJob:
         return int(self.inputs["input_ids"].shape[-1])
 
 
+class GenerationCancelled(Exception):
+    """Raised inside the model's forward pass by the engine's cancel hook."""
+
+
 class CancelCriteria(StoppingCriteria):
     """The cancel hook: stops `generate` at the next token once the session's cancel flag is
     set or a stop sequence matched. Shapes: input_ids (batch, seq) -> BoolTensor (batch,)."""
@@ -570,12 +595,38 @@ class Engine:
         self.max_queued = max_queued
         self.jobs: queue.Queue[GenerationJob | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self.current: GenerationJob | None = None
 
     def start(self) -> None:
+        self._install_cancel_hooks()
         self.thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """Let the engine finish at a step boundary and wait for its thread (callers cancel the
+        running job first). A thread left inside torch at interpreter exit aborts the process
+        ("terminate called without an active exception")."""
         self.jobs.put(None)
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    def _install_cancel_hooks(self) -> None:
+        """Check the running job's cancel flag before every decoder layer (and vision block).
+
+        The StoppingCriteria sees the flag only after a whole forward pass; a long prompt's
+        prefill is one pass of many seconds on a CPU, during which a cancel used to leave the
+        engine busy (the next request waited 27-38 s behind a 2,700-token prefill). A layer
+        hook ends it within one layer. Costs one attribute check per layer per step.
+        """
+        model = self.handle.model
+        layers = [m for m in model.modules()
+                  if type(m).__name__.endswith(("DecoderLayer", "Block"))] or [model]
+        for layer in layers:
+            layer.register_forward_pre_hook(self._cancel_hook)
+
+    def _cancel_hook(self, module, args) -> None:
+        job = self.current
+        if job is not None and job.session.cancel_event.is_set():
+            raise GenerationCancelled()
 
     def has_room(self) -> bool:
         return self.jobs.qsize() < self.max_queued
@@ -587,13 +638,18 @@ class Engine:
         while (job := self.jobs.get()) is not None:
             if job.session.cancel_event.is_set():
                 continue  # cancelled while queued: the loop side already ended it
+            self.current = job
             try:
                 self._generate(job)
-            except Exception as e:  # noqa: BLE001 - one failed job must not stop the engine
+            except Exception:  # noqa: BLE001 - one failed job must not stop the engine
                 log.exception("generation failed in session %s", job.session.id)
-                job.sink.failed(f"generation failed: {type(e).__name__}: {e}")
+                # The exception text stays in the log: it can name files and internals.
+                job.sink.failed(f"generation failed in session {job.session.id}; the server "
+                                f"log has the details")
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+            finally:
+                self.current = None
 
     def _generate(self, job: GenerationJob) -> None:
         model, p = self.handle.model, job.params
@@ -630,8 +686,11 @@ class Engine:
         if p.seed is not None:
             torch.manual_seed(p.seed)
         inputs = {k: v.to(model.device) for k, v in job.inputs.items()}
-        with torch.inference_mode():
-            model.generate(**inputs, **kwargs)
+        try:
+            with torch.inference_mode():
+                model.generate(**inputs, **kwargs)
+        except GenerationCancelled:
+            pass  # the cancel hook ended a forward pass: the flag below says cancelled
         COMPLETION_TOKENS.inc(streamer.completion_tokens)
         if job.session.cancel_event.is_set():
             reason = "cancelled"
@@ -659,8 +718,16 @@ def usage_object(prompt_tokens: int, completion_tokens: int,
             "completion_tokens_details": {"reasoning_tokens": reasoning_tokens}}
 
 
+# JSON leaves these raw with ensure_ascii=False, but line-based SSE readers (Python's
+# str.splitlines, some proxies) split lines on them and so cut an event in two. Escaped, the
+# JSON is the same value. C0 controls are escaped by json itself.
+_LINE_BREAKS = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    """Compact JSON for SSE `data` and stored events: UTF-8 text kept readable, but no character
+    that any line-based reader takes for a line break (WHATWG SSE splits only on CR/LF)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).translate(_LINE_BREAKS)
 
 
 Out = tuple[str, "str | None"]  # one event: (SSE data, SSE event name or None)
@@ -1149,6 +1216,25 @@ def new_session_id() -> str:
     return secrets.token_urlsafe(16)  # 128 random bits, [A-Za-z0-9_-]
 
 
+def check_unicode(value: Any, path: str = "") -> None:
+    """400 naming the first string that holds a lone UTF-16 surrogate ("\\ud800" in JSON is
+    legal, but such text cannot be encoded, tokenized or stored)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise APIError(400, f"{path or 'body'}: text contains a lone surrogate "
+                                f"(U+{ord(value[e.start]):04X}); send valid Unicode",
+                           param=path or None, code="invalid_unicode") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_unicode(k, path)
+            check_unicode(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_unicode(v, f"{path}[{i}]")
+
+
 def body_digest(body: dict[str, Any]) -> str:
     """Digest of a request body without its `session_id`, for the idempotency check."""
     canonical = json.dumps({k: v for k, v in body.items() if k != "session_id"},
@@ -1246,10 +1332,66 @@ def chat_messages(messages: list[ChatMessage], handle: ModelHandle) -> list[dict
     return out
 
 
-# Arguments of apply_chat_template the server passes itself; a request may not override them.
-RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "messages", "tokenize", "return_dict",
-                                      "return_tensors", "add_generation_prompt", "tools",
-                                      "continue_final_message", "chat_template"})
+def message_chars(messages: list[dict[str, Any]]) -> int:
+    """Characters of text in template-shaped messages (media parts count nothing)."""
+    return sum(len(m["content"]) if isinstance(m["content"], str)
+               else sum(len(p.get("text", "")) for p in m["content"]) for m in messages)
+
+
+# Names a request's chat_template_kwargs may never set: what the server passes itself, and every
+# argument of apply_chat_template and of the tokenizer call. vLLM passes chat_template_kwargs
+# straight through; here {"padding": "max_length", "max_length": 10**7} in a 150-byte request
+# once cost 32 s and 1.1 GB. Only variables the template reads reach it (see template_kwargs).
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+     "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation",
+     "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
+     "tokenizer_kwargs", "processor_kwargs", "load_audio_from_video", "text", "text_pair",
+     "add_special_tokens", "stride", "is_split_into_words", "pad_to_multiple_of", "padding_side",
+     "return_token_type_ids", "return_attention_mask", "return_overflowing_tokens",
+     "return_special_tokens_mask", "return_offsets_mapping", "return_length", "verbose",
+     "images", "videos", "audio", "do_sample_frames", "video_metadata", "num_frames", "fps"})
+
+
+def template_variables(*templates: Any) -> frozenset[str]:
+    """The undeclared variables of Jinja chat templates (a string, or a dict of named ones):
+    what a template can read besides `messages`. Used to pass on only those."""
+    env, names = jinja2.Environment(), set()
+    for t in templates:
+        for source in (t.values() if isinstance(t, dict) else [t]):
+            if isinstance(source, str):
+                try:
+                    names |= jinja2.meta.find_undeclared_variables(env.parse(source))
+                except jinja2.TemplateError:
+                    pass
+    return frozenset(names)
+
+
+def template_kwargs(handle: ModelHandle, requested: dict[str, Any]) -> dict[str, Any]:
+    """The request's chat_template_kwargs reduced to variables the model's template reads.
+
+    Raises APIError 400 for names the server sets itself or that are tokenizer/processor
+    arguments; drops (and logs) names the template never reads, as vLLM does.
+    """
+    reserved = sorted(set(requested) & RESERVED_TEMPLATE_KWARGS)
+    if reserved:
+        raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}: only "
+                            f"variables of the chat template (e.g. enable_thinking) are allowed",
+                       param="chat_template_kwargs", code="invalid_chat_template_kwargs")
+    unused = sorted(set(requested) - handle.template_variables)
+    if unused:
+        log.info("ignoring chat_template_kwargs the template does not read: %s", unused)
+    return {k: v for k, v in requested.items() if k in handle.template_variables}
+
+
+def check_prompt_chars(handle: ModelHandle, chars: int, param: str) -> None:
+    """400 before any tokenizing when `chars` characters cannot fit the context: no token
+    spells more than `handle.max_token_chars` characters, so this never refuses a prompt that
+    fits. A 19 MB prompt used to cost 23 s and 4 GB of tokenizing before the length check."""
+    if handle.context_length and chars > handle.context_length * handle.max_token_chars:
+        raise APIError(400, f"this model's maximum context length is {handle.context_length} "
+                            f"tokens; the prompt has {chars} characters, more than that many "
+                            f"tokens can hold", param=param, code="context_length_exceeded")
 
 
 def media_limits() -> MediaLimits:
@@ -1293,15 +1435,13 @@ def prepare_chat_inputs(handle: ModelHandle, messages: list[dict[str, Any]],
     media, `pixel_values`, `image_grid_thw`, `pixel_values_videos`, `video_grid_thw`.
     Raises APIError 400/413 for bad media or a template that fails on these messages.
     """
-    reserved = sorted(set(template_kwargs) & RESERVED_TEMPLATE_KWARGS)
-    if reserved:
-        raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}: the server "
-                            f"sets those itself", param="chat_template_kwargs")
     try:
         if handle.processor is None:
-            encoded = handle.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                return_tensors="pt", **template_kwargs)
+            # Rendered, then tokenized with fixed arguments: what apply_chat_template(tokenize=
+            # True) does, with no way for a request to reach the tokenizer's arguments.
+            prompt = handle.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False, **template_kwargs)
+            encoded = handle.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
         else:
             images, videos = load_media(handle, messages)
             prompt = handle.processor.apply_chat_template(
@@ -1319,9 +1459,14 @@ def prepare_chat_inputs(handle: ModelHandle, messages: list[dict[str, Any]],
                                        return_tensors="pt", **extra)
     except APIError:
         raise
+    except jinja2.TemplateError as e:
+        # The template's own raise_exception text ("roles must alternate ...") is for the user.
+        raise APIError(400, f"the chat template refused these messages: {e}",
+                       param="messages") from e
     except Exception as e:  # noqa: BLE001 - template and processor errors are the caller's input
-        raise APIError(400, f"the chat template or processor could not take these messages: "
-                            f"{type(e).__name__}: {e}", param="messages") from e
+        log.warning("chat template/processor failed on a request: %s: %s", type(e).__name__, e)
+        raise APIError(400, f"the chat template or processor could not take these messages "
+                            f"({type(e).__name__})", param="messages") from e
     return {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}
 
 
@@ -1394,11 +1539,21 @@ class KeepAlive(ServerSentEvent):
         return b": ping\n"
 
 
-def sse_response(rt: Runtime, s: Session, after: int, status_code: int = 200) -> EventSourceResponse:
+def sse_response(rt: Runtime, s: Session, after: int,
+                 status_code: int = 200) -> EventSourceResponse | Response:
     """The session's events after `after` as SSE, `id: <session>:<index>` on every event.
 
     Raises EventsGone (410) before anything is sent if those events cannot all be served.
+    On an ended session, resuming from its last event is 204 (nothing follows; an
+    EventSource stops reconnecting on any status but 200) and from past it 400.
     """
+    last = s.next_index - 1
+    if s.terminal and after >= last:
+        if after > last:
+            raise APIError(400, f"Last-Event-ID {s.id}:{after} is past the end of the session: "
+                                f"its last event is {s.id}:{last}", param="Last-Event-ID",
+                           code="last_event_id_out_of_range")
+        return Response(status_code=204, headers={"X-Session-Id": s.id})
     rt.store.check_available(s, after)
     if after >= 0:
         RESUMES.inc()
@@ -1457,9 +1612,15 @@ def runtime_of(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
-def lookup(rt: Runtime, session_id: str) -> Session:
+def owns(request: Request, s: Session) -> bool:
+    """Whether this request's API key made `s` (always, without API keys)."""
+    return not settings.api_keys or s.request.get("_owner") == request_owner(request)
+
+
+def lookup(rt: Runtime, session_id: str, request: Request) -> Session:
+    """The session `session_id`; 404 if unknown, expired, or another API key's."""
     s = rt.store.get(session_id) if SESSION_ID_RE.match(session_id) else None
-    if s is None:
+    if s is None or not owns(request, s):
         raise APIError(404, f"session {session_id!r} not found (unknown, deleted or expired)",
                        param="session_id", code="session_not_found")
     return s
@@ -1509,6 +1670,25 @@ class Prepared:
     thinking: bool | None = None
 
 
+# How long a new session may wait for its first commit before the request is answered 503.
+STORAGE_CHECK_SECONDS = 10.0
+
+
+def storage_reason(rt: Runtime, reason: str) -> str:
+    """A storage failure as told to clients: the reason without the database's full path."""
+    path = rt.store.db_path or ""
+    return reason.replace(os.path.abspath(path), os.path.basename(path)).replace(
+        path, os.path.basename(path)) if path else reason
+
+
+def require_storage(rt: Runtime) -> None:
+    """503 with Retry-After while session writes fail (disk full, database gone)."""
+    if rt.store.write_error:
+        raise APIError(503, f"session storage is failing: "
+                            f"{storage_reason(rt, rt.store.write_error)}",
+                       code="storage_unavailable", headers={"Retry-After": "5"})
+
+
 async def run_session(request: Request, body, kind: str, prepare, header_id: str | None,
                       query_id: str | None) -> Any:
     """The flow every generation route shares (../shared/CONTRACT.md, Sessions and Resume).
@@ -1530,19 +1710,22 @@ async def run_session(request: Request, body, kind: str, prepare, header_id: str
     if body.model_extra:
         log.info("ignoring unknown request fields: %s", sorted(body.model_extra))
     raw = body.model_dump(exclude_unset=True, exclude={"session_id"})
+    check_unicode(raw)
     digest = body_digest(raw)
     after = resume[1] if resume else -1
 
     existing = rt.store.get(session_id) if session_id else None
-    if resume is not None and existing is None:
+    if resume is not None and (existing is None or not owns(request, existing)):
         raise APIError(404, f"session {session_id!r} not found (unknown, deleted or expired)",
                        param="Last-Event-ID", code="session_not_found")
     if existing is None:
         require_ready(handle)
+        require_storage(rt)
         prepared: Prepared = await prepare(raw)
         existing = rt.store.get(session_id) if session_id else None  # raced while preparing?
     if existing is not None:
-        if existing.body_digest != digest or existing.kind != kind:
+        # Another key's session with this id answers like a different body: the id is taken.
+        if existing.body_digest != digest or existing.kind != kind or not owns(request, existing):
             raise APIError(409, f"session {session_id} already exists with a different request "
                                 f"body; use a new session_id", param="session_id",
                            code="session_conflict")
@@ -1551,9 +1734,21 @@ async def run_session(request: Request, body, kind: str, prepare, header_id: str
         raise APIError(429, f"too many queued requests (MAX_QUEUED_REQUESTS="
                             f"{settings.max_queued_requests}); retry shortly",
                        code="queue_full", headers={"Retry-After": "1"})
-    s = rt.store.create(session_id or new_session_id(), kind, handle.name, digest, prepared.stored)
+    stored = prepared.stored
+    if settings.api_keys:
+        stored = {**stored, "_owner": request_owner(request)}
+    s = rt.store.create(session_id or new_session_id(), kind, handle.name, digest, stored)
     s.formatter = FORMATTERS[kind](s)
     rt.append_all(s, s.formatter.created())
+    try:
+        # Nothing runs for a session the log cannot hold: a full or broken disk answers 503
+        # at once instead of a stream that never shows its first event.
+        await rt.store.check_writable(STORAGE_CHECK_SECONDS)
+    except StoreUnavailable as e:
+        await rt.store.delete(s.id)  # queued after its writes: gone once the disk recovers
+        raise APIError(503, f"session storage is failing, so no generation can start: "
+                            f"{storage_reason(rt, str(e))}",
+                       code="storage_unavailable", headers={"Retry-After": "5"}) from e
     sink = SessionSink(rt, s, int(prepared.inputs["input_ids"].shape[-1]))
     rt.sinks[s.id] = sink
     rt.engine.submit(GenerationJob(s, prepared.inputs, prepared.params, sink, prepared.thinking))
@@ -1592,8 +1787,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
 
     async def prepare(raw: dict[str, Any]) -> Prepared:
         messages = chat_messages(body.messages, handle)
+        check_prompt_chars(handle, message_chars(messages), "messages")
         inputs = await asyncio.to_thread(prepare_chat_inputs, handle, messages,
-                                         body.chat_template_kwargs or {})
+                                         template_kwargs(handle, body.chat_template_kwargs or {}))
         params = sampling_params(body, handle, int(inputs["input_ids"].shape[-1]),
                                  body.max_completion_tokens or body.max_tokens)
         return Prepared(inputs, params, redact_media(raw), reasoning_start(handle, inputs))
@@ -1615,7 +1811,15 @@ def prompt_ids(handle: ModelHandle, prompt: Any) -> tuple[torch.Tensor, str]:
                                 "prompt per request", param="prompt", code="unsupported_field")
         prompt = prompt[0]
     if isinstance(prompt, str):
+        check_prompt_chars(handle, len(prompt), "prompt")
         ids = handle.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        if ids.shape[-1] == 0:
+            # OpenAI completes an empty prompt from the start of a document: begin with BOS
+            # (or, for tokenizers without one, the end-of-text token that separates documents).
+            start = handle.tokenizer.bos_token_id
+            if start is None:
+                start = min(handle.eos_token_ids) if handle.eos_token_ids else 0
+            ids = torch.tensor([[start]])
         return ids, prompt
     vocab = len(handle.tokenizer)
     if not prompt or any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
@@ -1642,7 +1846,7 @@ async def completions(body: CompletionRequest, request: Request,
     handle: ModelHandle = request.app.state.model
 
     async def prepare(raw: dict[str, Any]) -> Prepared:
-        ids, text = prompt_ids(handle, body.prompt)
+        ids, text = await asyncio.to_thread(prompt_ids, handle, body.prompt)
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         params = sampling_params(body, handle, ids.shape[-1], body.max_tokens)
         return Prepared(inputs, params, {**raw, "_echo_text": text} if body.echo else raw)
@@ -1745,20 +1949,22 @@ def item_messages(items: list[dict[str, Any]]) -> list[ChatMessage]:
     return out
 
 
-def response_session(rt: Runtime, response_id: str) -> Session:
-    """The session behind `resp_<session id>`; 404 if unknown or not a response."""
+def response_session(rt: Runtime, response_id: str, request: Request) -> Session:
+    """The session behind `resp_<session id>`; 404 if unknown, not a response, or another
+    API key's."""
     sid = response_id[5:] if response_id.startswith("resp_") else response_id
     s = rt.store.get(sid) if SESSION_ID_RE.match(sid) else None
-    if s is None or s.kind != ResponsesFormatter.kind:
+    if s is None or s.kind != ResponsesFormatter.kind or not owns(request, s):
         raise APIError(404, f"response {response_id!r} not found (unknown, deleted or expired)",
                        param="response_id", code="response_not_found")
     return s
 
 
-async def previous_conversation(rt: Runtime, response_id: str) -> list[dict[str, Any]]:
+async def previous_conversation(rt: Runtime, response_id: str,
+                                request: Request) -> list[dict[str, Any]]:
     """The stored input and output of a previous response, as message items."""
     try:
-        prev = response_session(rt, response_id)
+        prev = response_session(rt, response_id, request)
     except APIError as e:
         raise APIError(404, f"previous_response_id {response_id!r} not found (unknown, deleted or "
                             f"expired)", param="previous_response_id",
@@ -1786,16 +1992,18 @@ async def create_response(body: ResponsesRequest, request: Request,
 
     async def prepare(raw: dict[str, Any]) -> Prepared:
         items = response_input_items(body)
-        history = (await previous_conversation(rt, body.previous_response_id)
+        history = (await previous_conversation(rt, body.previous_response_id, request)
                    if body.previous_response_id else [])
         messages = item_messages(history + items)
         if body.instructions:
             messages.insert(0, ChatMessage(role="system", content=body.instructions))
-        template_kwargs = dict(body.chat_template_kwargs or {})
+        kwargs = dict(body.chat_template_kwargs or {})
         if (body.reasoning or {}).get("effort") == "none":
-            template_kwargs.setdefault("enable_thinking", False)
+            kwargs.setdefault("enable_thinking", False)
         chat = chat_messages(messages, handle)
-        inputs = await asyncio.to_thread(prepare_chat_inputs, handle, chat, template_kwargs)
+        check_prompt_chars(handle, message_chars(chat), "input")
+        inputs = await asyncio.to_thread(prepare_chat_inputs, handle, chat,
+                                         template_kwargs(handle, kwargs))
         params = sampling_params(body, handle, int(inputs["input_ids"].shape[-1]),
                                  body.max_output_tokens)
         stored = redact_media({**raw, "_input_items": items, "_conversation": history + items})
@@ -1813,7 +2021,7 @@ async def retrieve_response(response_id: str, request: Request, stream: bool = F
     `?stream=true`, its events after `starting_after` (a sequence number) or Last-Event-ID,
     then live ones."""
     rt = runtime_of(request)
-    s = response_session(rt, response_id)
+    s = response_session(rt, response_id, request)
     if stream:
         after = (starting_after if starting_after is not None
                  else resume_point(s.id, last_event_id_header, last_event_id))
@@ -1827,14 +2035,14 @@ async def retrieve_response(response_id: str, request: Request, stream: bool = F
 async def cancel_response(response_id: str, request: Request):
     """`POST /v1/responses/{id}/cancel`: idempotent; answers the response object."""
     rt = runtime_of(request)
-    s = response_session(rt, response_id)
+    s = response_session(rt, response_id, request)
     await rt.cancel(s)
     return JSONResponse(await current_object(rt, s), headers={"X-Session-Id": s.id})
 
 
 async def delete_response(response_id: str, request: Request):
     rt = runtime_of(request)
-    s = response_session(rt, response_id)
+    s = response_session(rt, response_id, request)
     await rt.forget(s)
     return {"id": f"resp_{s.id}", "object": "response.deleted", "deleted": True}
 
@@ -1845,7 +2053,10 @@ async def response_input_items_route(response_id: str, request: Request,
                                      after: str | None = None):
     """`GET /v1/responses/{id}/input_items`: the input items of this request (OpenAI's list
     shape, newest first by default)."""
-    s = response_session(runtime_of(request), response_id)
+    s = response_session(runtime_of(request), response_id, request)
+    if s.request.get("store") is False:
+        raise APIError(404, f"response {response_id} was created with store=false",
+                       param="response_id", code="response_not_found")
     items = [{"id": f"msg_{s.id}_in{i}", **item}
              for i, item in enumerate(s.request.get("_input_items", []))]
     if order == "desc":
@@ -1859,7 +2070,7 @@ async def response_input_items_route(response_id: str, request: Request,
 
 
 async def get_session(session_id: str, request: Request):
-    return session_object(lookup(runtime_of(request), session_id))
+    return session_object(lookup(runtime_of(request), session_id, request))
 
 
 async def stream_session(session_id: str, request: Request,
@@ -1868,13 +2079,13 @@ async def stream_session(session_id: str, request: Request,
     """`GET /v1/sessions/{id}/stream`: replay from event 0, or after Last-Event-ID, then live.
     This is the URL a browser EventSource reconnects to on its own."""
     rt = runtime_of(request)
-    s = lookup(rt, session_id)
+    s = lookup(rt, session_id, request)
     return sse_response(rt, s, resume_point(s.id, last_event_id_header, last_event_id))
 
 
 async def delete_session(session_id: str, request: Request):
     rt = runtime_of(request)
-    s = lookup(rt, session_id)
+    s = lookup(rt, session_id, request)
     await rt.forget(s)
     return {"id": s.id, "object": "session.deleted", "deleted": True}
 
@@ -1882,20 +2093,24 @@ async def delete_session(session_id: str, request: Request):
 async def cancel_session(session_id: str, request: Request):
     """`POST /v1/cancel/{id}`: idempotent; `cancelled` says whether this call stopped it."""
     rt = runtime_of(request)
-    s = lookup(rt, session_id)
+    s = lookup(rt, session_id, request)
     changed = await rt.cancel(s)
     return {**session_object(s), "cancelled": changed}
 
 
 async def health(request: Request):
+    """Liveness: always 200 while the process serves. `status` is `degraded` while session
+    writes fail (then /ready and new generations answer 503). No paths or exception texts."""
     handle: ModelHandle = request.app.state.model
-    return {"status": "ok", "model": handle.name, "model_state": handle.state,
-            "model_error": handle.error}
+    storage_error = runtime_of(request).store.write_error
+    return {"status": "degraded" if storage_error else "ok", "model": handle.name,
+            "model_state": handle.state, "storage": "error" if storage_error else "ok"}
 
 
 async def ready(request: Request):
     handle: ModelHandle = request.app.state.model
     require_ready(handle)
+    require_storage(runtime_of(request))
     return {"status": "ready", "model": handle.name}
 
 
@@ -1931,30 +2146,68 @@ async def sweep_loop(store: SessionStore) -> None:
             log.exception("session sweep failed")
 
 
+def formatters_for(rt: Runtime, sessions: list[Session]) -> None:
+    """Give each loaded session its formatter; a session of an unknown kind (a damaged or
+    foreign row) is logged and ended `failed`, and the others are served."""
+    for s in sessions:
+        try:
+            s.formatter = FORMATTERS[s.kind](s)
+        except Exception:  # noqa: BLE001 - one bad stored session must not stop the server
+            log.error("session %s has kind %r, which this server cannot serve: marked failed",
+                      s.id, s.kind)
+            s.formatter = None
+            if not s.terminal:
+                rt.store.set_state(s, "failed")
+
+
+def exit_after_model_failure(app: FastAPI, handle: ModelHandle) -> None:
+    """A model that cannot load is no reason to retry: say why, then stop the server (through
+    its own signal handling, so sessions are closed as on Ctrl-C) and exit with status 1, as
+    vLLM does. A supervisor restarts it or alerts; clients are not kept waiting on 503s."""
+    log.error("the model could not be loaded, so the server stops: %s", handle.error)
+    app.state.exit_code = 1
+    signal.raise_signal(signal.SIGTERM)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     handle = ModelHandle(name=served_model_name())
-    app.state.model, app.state.started = handle, time.time()
+    app.state.model, app.state.started, app.state.exit_code = handle, time.time(), 0
     store = SessionStore(settings.sessions_db_path if settings.persist_sessions else None,
-                         settings.ring_buffer_size, settings.sessions_ttl_seconds)
-    unfinished = await store.open()
+                         settings.ring_buffer_size, settings.sessions_ttl_seconds,
+                         lock_timeout_seconds=settings.sessions_db_lock_timeout_seconds)
+    try:
+        unfinished = await store.open()
+    except (StoreLocked, StoreOpenError) as e:
+        # Raised out of the lifespan, uvicorn logs "Application startup failed" and exits 3.
+        log.error("%s", e)
+        raise
     engine = Engine(handle, settings.max_queued_requests)
     QUEUE_DEPTH.set_function(engine.jobs.qsize)
     rt = Runtime(store, engine, asyncio.get_running_loop())
     app.state.runtime = rt
-    for s in store.sessions.values():
-        s.formatter = FORMATTERS[s.kind](s)
-    await recover(rt, unfinished)
-    threading.Thread(target=lambda: (load_model(handle), handle.state == "ready" and engine.start()),
-                     name="model-loader", daemon=True).start()
+    formatters_for(rt, list(store.sessions.values()))
+    await recover(rt, [s for s in unfinished if not s.terminal])
+
+    def load() -> None:
+        load_model(handle)
+        if handle.state == "ready":
+            engine.start()
+        else:
+            exit_after_model_failure(app, handle)
+
+    threading.Thread(target=load, name="model-loader", daemon=True).start()
     sweeper = asyncio.create_task(sweep_loop(store))
     try:
         yield
     finally:
         sweeper.cancel()
         rt.interrupt_all()
-        engine.stop()
+        await asyncio.to_thread(engine.stop)
         await store.close()
+        if app.state.exit_code:
+            logging.shutdown()
+            os._exit(app.state.exit_code)
 
 
 def create_app() -> FastAPI:
@@ -2010,7 +2263,16 @@ def create_app() -> FastAPI:
     app.get("/health")(health)
     app.get("/ready")(ready)
     app.mount("/metrics", make_asgi_app())
+    # Outermost last: Host check, then CORS (so 401s carry CORS headers), keys, body limit.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
+    app.add_middleware(APIKeyMiddleware, keys=split_list(settings.api_keys))
+    origins = split_list(settings.cors_allow_origins)
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=origins,
+                           allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["content-type", "authorization", "last-event-id"],
+                           expose_headers=["X-Session-Id"], max_age=600)
+    app.add_middleware(HostCheckMiddleware, allowed=split_list(settings.allowed_hosts))
     return app
 
 

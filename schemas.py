@@ -56,7 +56,8 @@ class OpenAISampling(VLLMSampling):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # OpenAI's seed is an int64; torch.manual_seed takes no more.
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
@@ -187,5 +188,5 @@ class ResponsesRequest(VLLMSampling):
     top_logprobs: int | None = None
     max_tool_calls: int | None = None
 
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     chat_template_kwargs: dict[str, Any] | None = None

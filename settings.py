@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     # --- sessions and the event log ----------------------------------------------------------
     persist_sessions: bool = True
     sessions_db_path: str = "data/sessions.db"
+    # One server process per database: a second one waits this long for the first to let go
+    # (a restart overlapping the old process's shutdown), then refuses to start.
+    sessions_db_lock_timeout_seconds: float = Field(10.0, ge=0)
     sessions_ttl_seconds: float = Field(86400.0, gt=0)
     cancel_after_disconnect_seconds: float = Field(3600.0, ge=0)
     ring_buffer_size: int = Field(1024, ge=1)
@@ -58,6 +61,18 @@ class Settings(BaseSettings):
     # "auto": split <think>...</think> into reasoning_content when the tokenizer knows the
     # tags; "none": leave the raw text in content.
     reasoning_parser: str = Field("auto", pattern="^(auto|none)$")
+
+    # --- security ----------------------------------------------------------------------------
+    # Comma-separated API keys; empty: no authentication. With keys, every /v1 route wants
+    # `Authorization: Bearer <key>` and a session is visible only to the key that created it.
+    api_keys: str = ""
+    # Comma-separated origins allowed to call the API from a browser ("*" for any); empty: no
+    # CORS headers at all.
+    cors_allow_origins: str = ""
+    # Comma-separated Host header values accepted ("*" for any). Empty: when the server is
+    # reached on a loopback address, only localhost names (stops DNS rebinding against a
+    # local server); otherwise any.
+    allowed_hosts: str = ""
 
     # --- admission ---------------------------------------------------------------------------
     max_queued_requests: int = Field(64, ge=1)

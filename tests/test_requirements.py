@@ -13,7 +13,7 @@ from importlib.metadata import packages_distributions
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVER_MODULES = ["main.py", "store.py", "media.py", "schemas.py", "settings.py"]
+SERVER_MODULES = sorted(p.name for p in ROOT.glob("*.py"))
 
 
 def normalize(name: str) -> str:
