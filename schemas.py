@@ -3,8 +3,8 @@
 Field names and ranges follow the OpenAI API reference (Chat Completions, "Create chat
 completion"); the vLLM sampling extensions follow vLLM's OpenAI-compatible server. Unknown
 fields are kept (`extra="allow"`) so the server can log and ignore them, as vLLM does
-(../shared/CONTRACT.md, Request fields). Which known fields this server cannot honour is decided
-in main.py, which answers 501 naming them.
+(docs/wire-contract.md, Request fields). Which known fields this server cannot honour is
+decided in main.py, which answers 400 `unsupported_parameter`/`unsupported_value` naming them.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class ChatMessage(BaseModel):
 
 
 class VLLMSampling(BaseModel):
-    """vLLM's sampling extensions, honoured on every generation route (CONTRACT.md)."""
+    """vLLM's sampling extensions, honoured on every generation route (docs/wire-contract.md)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -106,7 +106,7 @@ class ChatCompletionRequest(OpenAISampling):
     store: bool | None = None
     service_tier: str | None = None
 
-    # Known OpenAI features; main.py answers 501 for those it cannot honour when they are set.
+    # Known OpenAI features; main.py refuses (400 unsupported_*) those it cannot honour when set.
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None
@@ -154,7 +154,7 @@ class ResponsesRequest(VLLMSampling):
 
     `input` is a string or a list of input items (messages with `input_text`/`input_image`
     parts, or earlier `output_text`); main.py checks the items and refuses features it cannot
-    honour with 501.
+    honour (400 unsupported_*).
     """
 
     input: str | list[dict[str, Any]]
@@ -179,7 +179,7 @@ class ResponsesRequest(VLLMSampling):
     prompt_cache_key: str | None = None
     parallel_tool_calls: bool | None = None
 
-    # Known features this server refuses with 501 when set.
+    # Known features this server refuses (400 unsupported_*) when set.
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     conversation: str | dict[str, Any] | None = None
@@ -190,3 +190,18 @@ class ResponsesRequest(VLLMSampling):
 
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     chat_template_kwargs: dict[str, Any] | None = None
+
+
+class ErrorDetail(BaseModel):
+    """The `error` object of every error body (OpenAI API reference, Error codes)."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """`{"error": {...}}`: what every 4xx/5xx of this server answers (never FastAPI's 422)."""
+
+    error: ErrorDetail

@@ -4,7 +4,7 @@ Each session keeps its last `ring_size` events in memory (a ring buffer) and, wh
 path is given, every event in SQLite (WAL mode, through aiosqlite). Writes go through one
 writer task that commits whatever has queued up in one transaction (group commit); an event
 becomes *visible* to readers only after the transaction holding it committed, so a client that
-received event `i` can never see it lost or changed by a crash (../shared/CONTRACT.md, Events).
+received event `i` can never see it lost or changed by a crash (docs/wire-contract.md, Events).
 Without a database, events are visible at once and those evicted from the ring are gone (410).
 
 Everything here runs on the asyncio event loop; other threads hand work to it with

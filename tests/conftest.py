@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -61,9 +60,9 @@ class Server:
         raise RuntimeError(f"server not ready:\n{self.log_path.read_text()[-3000:]}")
 
     def kill(self) -> None:
-        """kill -9: no shutdown hooks run, as in a crash."""
+        """kill -9 (TerminateProcess on Windows): no shutdown hooks run, as in a crash."""
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
+            self.proc.kill()
             self.proc.wait(10)
 
     def stop(self) -> None:

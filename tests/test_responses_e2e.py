@@ -173,21 +173,25 @@ def test_previous_response_id_round_trip(client):
         client.responses.retrieve(unstored.id)
 
 
-@pytest.mark.parametrize("extra,param", [
-    ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
-    ({"conversation": "conv_1"}, "conversation"),
-    ({"truncation": "auto"}, "truncation"),
-    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, "text"),
-    ({"include": ["reasoning.encrypted_content"]}, "include"),
-    ({"reasoning": {"summary": "auto"}}, "reasoning"),
+@pytest.mark.parametrize("extra,param,code", [
+    ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools",
+     "unsupported_parameter"),
+    ({"conversation": "conv_1"}, "conversation", "unsupported_parameter"),
+    ({"truncation": "auto"}, "truncation", "unsupported_value"),
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, "text.format",
+     "unsupported_value"),
+    ({"include": ["reasoning.encrypted_content"]}, "include", "unsupported_parameter"),
+    ({"reasoning": {"summary": "auto"}}, "reasoning.summary", "unsupported_value"),
     ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
-     "input[0].content[0]"),
-    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input[0]"),
+     "input[0].content[0].type", "unsupported_value"),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]},
+     "input[0].type", "unsupported_value"),
 ])
-def test_unsupported_features_are_501(http, extra, param):
+def test_unsupported_features_are_400_not_retried_5xx(http, extra, param, code):
     r = http.post("/v1/responses", json={"input": "Hi", **extra})
-    assert r.status_code == 501, r.text
-    assert r.json()["error"]["param"] == param
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert (err["param"], err["code"], err["type"]) == (param, code, "invalid_request_error")
 
 
 @pytest.mark.parametrize("extra,param", [
@@ -245,10 +249,10 @@ def test_completions_resume_and_cancel(http):
 
 
 @pytest.mark.parametrize("extra,status,param", [
-    ({"suffix": "end"}, 501, "suffix"),
-    ({"n": 2}, 501, "n"),
-    ({"logprobs": 2}, 501, "logprobs"),
-    ({"prompt": ["a", "b"]}, 501, "prompt"),
+    ({"suffix": "end"}, 400, "suffix"),
+    ({"n": 2}, 400, "n"),
+    ({"logprobs": 2}, 400, "logprobs"),
+    ({"prompt": ["a", "b"]}, 400, "prompt"),
     ({"prompt": []}, 400, "prompt"),
     ({"prompt": [10**9]}, 400, "prompt"),
     ({"max_tokens": 0}, 400, "max_tokens"),

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -160,7 +158,7 @@ def test_unfinished_sessions_are_reported_on_open(tmp_path):
     done = store.create("done", "k", "m", "d", {})
     store.append(done, "[DONE]")
     store.set_state(done, "completed", "stop")""")
-    proc.send_signal(signal.SIGKILL)
+    proc.kill()
     proc.wait()
 
     async def reopen():
@@ -351,7 +349,7 @@ def test_a_second_server_process_is_refused_until_the_first_is_killed(tmp_path):
             assert "another server process" in str(e.value)
 
         run(refused())
-        proc.send_signal(signal.SIGKILL)  # the OS drops a dead process's lock
+        proc.kill()  # the OS drops a dead process's lock
         proc.wait()
 
         async def accepted():
