@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
@@ -205,3 +206,39 @@ class ErrorResponse(BaseModel):
     """`{"error": {...}}`: what every 4xx/5xx of this server answers (never FastAPI's 422)."""
 
     error: ErrorDetail
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: every error body is {"error": {"message", "type", "param", "code"}}
+# ---------------------------------------------------------------------------------------------
+
+class APIError(Exception):
+    """An error answered to the client in the OpenAI shape with an HTTP status.
+
+    `headers` carries e.g. Retry-After for 429 and 503; `type` defaults by status.
+    """
+
+    def __init__(self, status: int, message: str, type: str | None = None,
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message = status, message
+        self.type = type or _ERROR_TYPES.get(status, "error")
+        self.param, self.code, self.headers = param, code, headers
+
+
+_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+                409: "conflict_error", 410: "gone_error", 413: "invalid_request_error",
+                429: "rate_limit_error", 499: "client_closed_request", 500: "server_error",
+                501: "not_implemented_error", 503: "service_unavailable_error"}
+
+
+def error_body(status: int, message: str, type: str | None = None, param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type or _ERROR_TYPES.get(status, "error"),
+                      "param": param, "code": code}}
+
+
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(error_body(e.status, e.message, e.type, e.param, e.code),
+                        status_code=e.status, headers=e.headers)

@@ -22,6 +22,8 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from schemas import error_body
+
 # --- helpers shared with the routes -----------------------------------------------------------
 
 
@@ -134,3 +136,53 @@ class HostCheckMiddleware:
                               "invalid_host")
             return await response(scope, receive, send)
         return await self.app(scope, receive, send)
+
+
+# ---------------------------------------------------------------------------------------------
+# The request body limit
+# ---------------------------------------------------------------------------------------------
+
+class BodyLimitMiddleware:
+    """Answers 413 to request bodies over `max_bytes`, before any parsing.
+
+    Buffers the body (bounded by the limit) and replays it to the app, so chunked uploads are
+    caught as well as those with a Content-Length.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._too_large(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._too_large(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send):
+        response = JSONResponse(error_body(
+            413, f"request body is larger than the limit of {self.max_bytes} bytes "
+                 f"(MAX_REQUEST_BODY_BYTES)", code="request_too_large"), status_code=413)
+        await response(scope, receive, send)

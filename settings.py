@@ -78,3 +78,7 @@ class Settings(BaseSettings):
     max_queued_requests: int = Field(64, ge=1)
     max_request_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     sse_ping_seconds: float = Field(15.0, gt=0)
+
+
+# The one instance every module reads (environment and .env as of process start).
+settings = Settings()

@@ -8,6 +8,8 @@ imported by both is imported once.
 
 from __future__ import annotations
 
+import logging
+
 from prometheus_client import Counter, Gauge
 
 GENERATIONS_STARTED = Counter("resumable_generations_started_total",
@@ -17,3 +19,9 @@ GENERATIONS_FINISHED = Counter("resumable_generations_finished_total",
 COMPLETION_TOKENS = Counter("resumable_completion_tokens_total", "Tokens generated")
 RESUMES = Counter("resumable_resumes_total", "Streams opened after a Last-Event-ID")
 QUEUE_DEPTH = Gauge("resumable_queue_depth", "Generation jobs waiting for the engine")
+
+
+def configure_logging(level: str) -> None:
+    """One format for every `resumable.<module>` logger; LOG_LEVEL sets the level."""
+    logging.basicConfig(level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -40,9 +40,9 @@ def raw_baseline(runs: int, tokens: int) -> tuple[float, float]:
     """Median (tokens/s of generate with `tokens` new tokens, seconds of a 1-token generate)."""
     import torch
 
-    import main
-    handle = main.ModelHandle(name=main.served_model_name())
-    main.load_model(handle)
+    import model
+    handle = model.ModelHandle(name=model.served_model_name())
+    model.load_model(handle)
     if handle.state != "ready":
         raise SystemExit(f"model failed to load: {handle.error}")
     inputs = handle.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True,

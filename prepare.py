@@ -1,0 +1,486 @@
+"""Request body to model inputs: validation the schema cannot do, refusals, chat template,
+media, tokenizing, sampling parameters. Runs before a session exists; raises APIError (400/413).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2
+import jinja2.meta
+import torch
+from transformers.video_utils import VideoMetadata
+
+from decoding import prompt_opens_thinking
+from media import MediaError, MediaLimits, Video, decode_image, decode_video, load_bytes
+from model import ModelHandle
+from sampling import SamplingParams
+from schemas import APIError, ChatCompletionRequest, ChatMessage, ResponsesRequest
+from settings import settings
+
+log = logging.getLogger("resumable.prepare")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks every body gets
+# ---------------------------------------------------------------------------------------------
+
+
+def check_unicode(value: Any, path: str = "") -> None:
+    """400 naming the first string that holds a lone UTF-16 surrogate ("\\ud800" in JSON is
+    legal, but such text cannot be encoded, tokenized or stored)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise APIError(400, f"{path or 'body'}: text contains a lone surrogate "
+                                f"(U+{ord(value[e.start]):04X}); send valid Unicode",
+                           param=path or None, code="invalid_unicode") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_unicode(k, path)
+            check_unicode(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_unicode(v, f"{path}[{i}]")
+
+
+def body_digest(body: dict[str, Any]) -> str:
+    """Digest of a request body without its `session_id`, for the idempotency check."""
+    canonical = json.dumps({k: v for k, v in body.items() if k != "session_id"},
+                           sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals: fields this server cannot honour
+# ---------------------------------------------------------------------------------------------
+
+
+def unsupported(param: str, message: str, value: bool = False) -> APIError:
+    """A field (or, with `value`, a value of a known field) this server cannot honour: 400
+    with OpenAI's codes `unsupported_parameter` / `unsupported_value`. Never 501: SDKs retry
+    every 5xx, so a refusal was sent three times and surfaced as an internal error."""
+    return APIError(400, message, param=param,
+                    code="unsupported_value" if value else "unsupported_parameter")
+
+
+def refuse_unsupported(req: ChatCompletionRequest) -> None:
+    """400 naming the first known chat field or value this server cannot honour (yet)."""
+    if req.n not in (None, 1):
+        raise unsupported("n", "n > 1 is not supported: ask for one choice per request", True)
+    for name in ("tools", "functions", "prediction", "web_search_options", "audio",
+                 "reasoning_effort"):
+        # Present is a request for the feature ({} turns web search on); an empty tool list
+        # asks for nothing.
+        if getattr(req, name) is not None and getattr(req, name) != []:
+            raise unsupported(name, f"'{name}' is not supported by this server")
+    if req.tool_choice not in (None, "none"):
+        raise unsupported("tool_choice", "'tool_choice' other than 'none' is not supported by "
+                                         "this server (no tool calling)", True)
+    if req.function_call not in (None, "none"):
+        raise unsupported("function_call", "'function_call' other than 'none' is not supported "
+                                           "by this server", True)
+    if req.logprobs:
+        raise unsupported("logprobs", "'logprobs' is not supported by this server yet", True)
+    if req.top_logprobs:
+        raise unsupported("top_logprobs", "'top_logprobs' is not supported by this server yet")
+    if req.response_format and req.response_format.get("type") not in (None, "text"):
+        raise unsupported("response_format", f"response_format type "
+                                             f"{req.response_format.get('type')!r} is not "
+                                             f"supported (only 'text')", True)
+    if req.modalities and set(req.modalities) - {"text"}:
+        raise unsupported("modalities", "only the 'text' output modality is supported", True)
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true",
+                       param="stream_options")
+    for i, m in enumerate(req.messages):
+        if m.role in ("tool", "function") or m.tool_calls:
+            raise unsupported(f"messages[{i}]", "tool and function messages are not supported "
+                                                "by this server", True)
+
+
+UNSUPPORTED_ITEM_TYPES = {"function_call", "function_call_output", "file_search_call",
+                           "web_search_call", "computer_call", "computer_call_output",
+                           "code_interpreter_call", "image_generation_call", "local_shell_call",
+                           "mcp_call", "mcp_list_tools", "custom_tool_call", "item_reference"}
+
+
+def text_format_type(text: Any) -> str:
+    """`text.format.type` of a Responses request ("text" when absent); 400 if malformed."""
+    fmt = (text or {}).get("format") if isinstance(text, dict) or text is None else text
+    if fmt is None:
+        return "text"
+    if not isinstance(fmt, dict) or not isinstance(fmt.get("type", "text"), str):
+        raise APIError(400, "text.format must be an object with a type", param="text.format")
+    return fmt.get("type", "text")
+
+
+def refuse_unsupported_response(body: ResponsesRequest) -> None:
+    """400 (unsupported_parameter / unsupported_value) naming the first known Responses
+    feature this server does not implement."""
+    checks = [  # (param, refused, what, a value of a known field)
+        ("tools", bool(body.tools), "tools and function calling", False),
+        ("tool_choice", body.tool_choice not in (None, "none", "auto"), "tool_choice", True),
+        ("conversation", body.conversation is not None, "conversation objects", False),
+        ("prompt", body.prompt is not None, "prompt templates", False),
+        ("include", bool(body.include), "include", False),
+        ("top_logprobs", bool(body.top_logprobs), "logprobs", False),
+        ("truncation", body.truncation not in (None, "disabled"), "truncation 'auto'", True),
+        ("text.format", text_format_type(body.text) != "text",
+         "structured output (text.format other than text)", True),
+        ("reasoning.summary", (body.reasoning or {}).get("summary") is not None,
+         "reasoning summaries", True),
+    ]
+    for param, bad, feature, value in checks:
+        if bad:
+            raise unsupported(param, f"{feature} is not supported by this server", value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages and media
+# ---------------------------------------------------------------------------------------------
+
+
+# Content-part types that carry media: OpenAI's, vLLM's video_url, Qwen's own, Responses' input_image.
+MEDIA_PARTS = {"image_url": "image", "input_image": "image", "image": "image",
+               "video_url": "video", "video": "video"}
+
+
+def media_url(part: dict[str, Any]) -> Any:
+    """The URL of a media content part, whichever accepted shape it comes in."""
+    kind = part.get("type")
+    value = part.get(kind) if kind in ("image_url", "video_url", "image", "video") else None
+    if value is None:
+        value = part.get("image_url") or part.get("url")
+    return value.get("url") if isinstance(value, dict) else value
+
+
+def chat_messages(messages: list[ChatMessage], handle: ModelHandle) -> list[dict[str, Any]]:
+    """Request messages in the shape the chat template wants.
+
+    Tokenizer templates get string content; processor templates (vision-language models) get
+    content-part lists, media parts as `{"type": "image"|"video", "url", "param"}` for
+    `prepare_chat_inputs` to fetch. `developer` becomes `system`, which chat templates know.
+    Raises APIError 400 for media the model cannot take, unknown parts, too many media items.
+    """
+    out, media = [], 0
+    for i, m in enumerate(messages):
+        parts = [{"type": "text", "text": m.content}] if isinstance(m.content, str) else (m.content or [])
+        content: list[dict[str, Any]] = []
+        for j, part in enumerate(parts):
+            kind, param = part.get("type"), f"messages[{i}].content[{j}]"
+            if kind in ("text", "input_text") and isinstance(part.get("text"), str):
+                content.append({"type": "text", "text": part["text"]})
+            elif kind in MEDIA_PARTS:
+                modality = MEDIA_PARTS[kind]
+                if modality not in handle.input_modalities:
+                    raise APIError(400, f"the served model {handle.name} does not accept "
+                                        f"{modality}s: it takes {', '.join(handle.input_modalities)}",
+                                   param=param, code="unsupported_modality")
+                url = media_url(part)
+                if not isinstance(url, str):
+                    raise APIError(400, f"a {kind} part needs a url string", param=param)
+                media += 1
+                if media > settings.max_media_per_request:
+                    raise APIError(400, f"too many images and videos in one request (at most "
+                                        f"{settings.max_media_per_request}, MAX_MEDIA_PER_REQUEST)",
+                                   param=param, code="too_many_media")
+                content.append({"type": modality, "url": url, "param": param})
+            else:
+                raise APIError(400, f"unsupported content part type {kind!r}", param=f"{param}.type")
+        role = "system" if m.role == "developer" else m.role
+        if handle.processor is not None:
+            out.append({"role": role, "content": content})
+        else:
+            out.append({"role": role, "content": "".join(p["text"] for p in content)})
+    return out
+
+
+def response_input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
+    """`input` as a list of message items `{"type": "message", "role", "content": [parts]}`.
+
+    Raises APIError 400: unsupported_value for tool and file items/parts, plain for shapes
+    it cannot read.
+    """
+    raw = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
+    items = []
+    for i, item in enumerate(raw):
+        kind = item.get("type", "message")
+        if kind in UNSUPPORTED_ITEM_TYPES:
+            raise unsupported(f"input[{i}].type", f"input items of type {kind!r} are not "
+                                                  f"supported by this server", True)
+        if kind == "reasoning":
+            continue  # earlier reasoning is context the chat templates drop anyway
+        if kind != "message" or item.get("role") not in ("user", "assistant", "system",
+                                                          "developer"):
+            raise APIError(400, f"input[{i}] must be a message with role user, assistant, system "
+                                f"or developer", param=f"input[{i}]")
+        content = item.get("content")
+        parts = [{"type": "input_text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(parts, list):
+            raise APIError(400, f"input[{i}].content must be a string or a list of parts",
+                           param=f"input[{i}].content")
+        for j, part in enumerate(parts):
+            if not isinstance(part, dict):
+                raise APIError(400, f"input[{i}].content[{j}] must be a content part object",
+                               param=f"input[{i}].content[{j}]")
+            if part.get("type") in ("input_file", "input_audio"):
+                raise unsupported(f"input[{i}].content[{j}].type",
+                                  f"{part['type']} parts are not supported by this server", True)
+        items.append({"type": "message", "role": item["role"], "content": parts})
+    return items
+
+
+def item_messages(items: list[dict[str, Any]]) -> list[ChatMessage]:
+    """Message items to chat messages: input_text/output_text become text parts."""
+    out = []
+    for item in items:
+        parts = []
+        for part in item["content"]:
+            if part.get("type") in ("input_text", "output_text", "text"):
+                parts.append({"type": "text", "text": part.get("text", "")})
+            elif part.get("type") == "refusal":
+                parts.append({"type": "text", "text": part.get("refusal", "")})
+            else:
+                url = media_url(part)
+                if isinstance(url, str) and url.startswith("data:") and ",sha256:" in url:
+                    raise APIError(400, "an earlier response in this conversation carried inline "
+                                        "media, which is not stored: send the conversation in "
+                                        "full instead of previous_response_id",
+                                   param="previous_response_id")
+                parts.append(part)
+        out.append(ChatMessage(role=item["role"], content=parts))
+    return out
+
+
+def message_chars(messages: list[dict[str, Any]]) -> int:
+    """Characters of text in template-shaped messages (media parts count nothing)."""
+    return sum(len(m["content"]) if isinstance(m["content"], str)
+               else sum(len(p.get("text", "")) for p in m["content"]) for m in messages)
+
+
+def media_limits() -> MediaLimits:
+    return MediaLimits(max_bytes=settings.max_media_bytes,
+                       max_image_pixels=settings.max_image_pixels,
+                       max_video_pixels=settings.max_video_pixels,
+                       max_video_frames=settings.max_video_frames,
+                       fetch_timeout_seconds=settings.media_fetch_timeout_seconds,
+                       allow_private_urls=settings.allow_private_media_urls,
+                       media_root=settings.media_root or None)
+
+
+def load_media(handle: ModelHandle, messages: list[dict[str, Any]]) -> tuple[list, list[Video]]:
+    """Fetch and decode every media part (in place, they become bare `{"type": ...}` parts for
+    the template). Returns (images as PIL, videos). Raises APIError 400/413 from MediaError."""
+    ip = getattr(handle.processor, "image_processor", None)
+    factor = getattr(ip, "patch_size", 14) * getattr(ip, "merge_size", 2)
+    limits, images, videos = media_limits(), [], []
+    for m in messages:
+        for part in m["content"]:
+            if part["type"] not in ("image", "video"):
+                continue
+            url, param = part.pop("url"), part.pop("param")
+            try:
+                data = load_bytes(url, limits, param)
+                if part["type"] == "image":
+                    images.append(decode_image(data, limits, factor, param))
+                else:
+                    videos.append(decode_video(data, limits, factor, param))
+            except MediaError as e:
+                raise APIError(e.status, e.message, param=e.param, code="invalid_media") from e
+    return images, videos
+
+
+def redact_media(body: dict[str, Any]) -> dict[str, Any]:
+    """The body as stored with the session: `data:` URLs replaced by their SHA-256, so media
+    bytes never land in SQLite (the idempotency digest is taken from the full body)."""
+    def walk(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        if isinstance(v, str) and v[:5].lower() == "data:" and len(v) > 64:
+            head = v.split(",", 1)[0]
+            return f"{head},sha256:{hashlib.sha256(v.encode()).hexdigest()}"
+        return v
+    return walk(body)
+
+
+# ---------------------------------------------------------------------------------------------
+# Template and tokenizing
+# ---------------------------------------------------------------------------------------------
+
+
+# Names a request's chat_template_kwargs may never set: what the server passes itself, and every
+# argument of apply_chat_template and of the tokenizer call. vLLM passes chat_template_kwargs
+# straight through; here {"padding": "max_length", "max_length": 10**7} in a 150-byte request
+# once cost 32 s and 1.1 GB. Only variables the template reads reach it (see template_kwargs).
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+     "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation",
+     "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
+     "tokenizer_kwargs", "processor_kwargs", "load_audio_from_video", "text", "text_pair",
+     "add_special_tokens", "stride", "is_split_into_words", "pad_to_multiple_of", "padding_side",
+     "return_token_type_ids", "return_attention_mask", "return_overflowing_tokens",
+     "return_special_tokens_mask", "return_offsets_mapping", "return_length", "verbose",
+     "images", "videos", "audio", "do_sample_frames", "video_metadata", "num_frames", "fps"})
+
+
+def template_kwargs(handle: ModelHandle, requested: dict[str, Any]) -> dict[str, Any]:
+    """The request's chat_template_kwargs reduced to variables the model's template reads.
+
+    Raises APIError 400 for names the server sets itself or that are tokenizer/processor
+    arguments; drops (and logs) names the template never reads, as vLLM does.
+    """
+    reserved = sorted(set(requested) & RESERVED_TEMPLATE_KWARGS)
+    if reserved:
+        raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}: only "
+                            f"variables of the chat template (e.g. enable_thinking) are allowed",
+                       param="chat_template_kwargs", code="invalid_chat_template_kwargs")
+    unused = sorted(set(requested) - handle.template_variables)
+    if unused:
+        log.info("ignoring chat_template_kwargs the template does not read: %s", unused)
+    return {k: v for k, v in requested.items() if k in handle.template_variables}
+
+
+def check_prompt_chars(handle: ModelHandle, chars: int, param: str) -> None:
+    """400 before any tokenizing when `chars` characters cannot fit the context: no token
+    spells more than `handle.max_token_chars` characters, so this never refuses a prompt that
+    fits. A 19 MB prompt used to cost 23 s and 4 GB of tokenizing before the length check."""
+    if handle.context_length and chars > handle.context_length * handle.max_token_chars:
+        raise APIError(400, f"this model's maximum context length is {handle.context_length} "
+                            f"tokens; the prompt has {chars} characters, more than that many "
+                            f"tokens can hold", param=param, code="context_length_exceeded")
+
+
+def prepare_chat_inputs(handle: ModelHandle, messages: list[dict[str, Any]],
+                        template_kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Fetch media, apply the chat template, tokenize; runs in a worker thread and never
+    touches the model.
+
+    Returns the processor's/tokenizer's tensors: `input_ids` (1, prompt_tokens) and, with
+    media, `pixel_values`, `image_grid_thw`, `pixel_values_videos`, `video_grid_thw`.
+    Raises APIError 400/413 for bad media or a template that fails on these messages.
+    """
+    try:
+        if handle.processor is None:
+            # Rendered, then tokenized with fixed arguments: what apply_chat_template(tokenize=
+            # True) does, with no way for a request to reach the tokenizer's arguments.
+            prompt = handle.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False, **template_kwargs)
+            encoded = handle.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+        else:
+            images, videos = load_media(handle, messages)
+            prompt = handle.processor.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False, **template_kwargs)
+            extra: dict[str, Any] = {}
+            if videos:
+                # Frames are already sampled (PyAV); the metadata gives their real times,
+                # which Qwen3-VL writes into the prompt.
+                extra = {"videos": [v.frames for v in videos], "do_sample_frames": False,
+                         "video_metadata": [VideoMetadata(
+                             total_num_frames=v.total_frames, fps=v.fps, duration=v.duration,
+                             frames_indices=v.frame_indices, height=v.frames.shape[1],
+                             width=v.frames.shape[2]) for v in videos]}
+            encoded = handle.processor(text=[prompt], images=images or None,
+                                       return_tensors="pt", **extra)
+    except APIError:
+        raise
+    except jinja2.TemplateError as e:
+        # The template's own raise_exception text ("roles must alternate ...") is for the user.
+        raise APIError(400, f"the chat template refused these messages: {e}",
+                       param="messages") from e
+    except Exception as e:  # noqa: BLE001 - template and processor errors are the caller's input
+        log.warning("chat template/processor failed on a request: %s: %s", type(e).__name__, e)
+        raise APIError(400, f"the chat template or processor could not take these messages "
+                            f"({type(e).__name__})", param="messages") from e
+    return {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}
+
+
+def prompt_ids(handle: ModelHandle, prompt: Any) -> tuple[torch.Tensor, str]:
+    """`prompt` (a string, a list of one string, or token ids) to input_ids (1, n) and its text.
+
+    Several prompts in one request are 400 unsupported_value (one session runs one generation).
+    """
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) > 1:
+            raise unsupported("prompt", "several prompts in one request are not supported: "
+                                        "send one prompt per request", True)
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        check_prompt_chars(handle, len(prompt), "prompt")
+        ids = handle.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        if ids.shape[-1] == 0:
+            # OpenAI completes an empty prompt from the start of a document: begin with BOS
+            # (or, for tokenizers without one, the end-of-text token that separates documents).
+            start = handle.tokenizer.bos_token_id
+            if start is None:
+                start = min(handle.eos_token_ids) if handle.eos_token_ids else 0
+            ids = torch.tensor([[start]])
+        return ids, prompt
+    vocab = len(handle.tokenizer)
+    if not prompt or any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
+        raise APIError(400, f"prompt token ids must be integers in 0..{vocab - 1}", param="prompt")
+    return torch.tensor([prompt]), handle.tokenizer.decode(prompt)
+
+
+def reasoning_start(handle: ModelHandle, inputs: dict[str, torch.Tensor]) -> bool | None:
+    """None when no reasoning split applies; else whether the prompt opened a think block."""
+    if settings.reasoning_parser == "none" or not handle.thinks:
+        return None
+    tail = handle.tokenizer.decode(inputs["input_ids"][0, -16:].tolist())
+    return prompt_opens_thinking(tail)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def sampling_params(req: Any, handle: ModelHandle, prompt_tokens: int,
+                    requested: int | None) -> SamplingParams:
+    """Resolve a request's sampling fields (any of the three APIs: fields it lacks count as
+    unset) and the server defaults; 400 when the context cannot hold prompt + `requested`."""
+    field = lambda name: getattr(req, name, None)  # noqa: E731
+    room = None if handle.context_length is None else handle.context_length - prompt_tokens
+    if room is not None and (room <= 0 or (requested is not None and requested > room)):
+        raise APIError(400, f"this model's maximum context length is {handle.context_length} "
+                            f"tokens; the messages take {prompt_tokens} and "
+                            f"{requested or 'at least 1'} more were requested for the completion",
+                       param="messages" if room <= 0 else "max_tokens",
+                       code="context_length_exceeded")
+    max_new = requested or settings.max_tokens
+    if room is not None:
+        max_new = min(max_new, room)
+    vocab = handle.model.get_input_embeddings().weight.shape[0]
+    bias: dict[int, float] = {}
+    for key, value in (field("logit_bias") or {}).items():
+        if not 0 <= int(key) < vocab:
+            raise APIError(400, f"logit_bias token id {key} is outside the vocabulary "
+                                f"(0..{vocab - 1})", param="logit_bias")
+        bias[int(key)] = value
+    return SamplingParams(
+        max_new_tokens=max_new,
+        temperature=settings.temperature if req.temperature is None else req.temperature,
+        top_p=req.top_p, top_k=field("top_k"), min_p=field("min_p"),
+        repetition_penalty=field("repetition_penalty"),
+        presence_penalty=field("presence_penalty") or 0.0,
+        frequency_penalty=field("frequency_penalty") or 0.0, logit_bias=bias,
+        min_tokens=min(field("min_tokens") or 0, max_new), ignore_eos=bool(field("ignore_eos")),
+        seed=field("seed"), stop=field("stop"))
+
+
+@dataclass
+class Prepared:
+    """A route's preparation of a new session: model inputs, sampling, what the session stores
+    of the request, and the reasoning split (see `reasoning_start`)."""
+
+    inputs: dict[str, torch.Tensor]
+    params: SamplingParams
+    stored: dict[str, Any]
+    thinking: bool | None = None

@@ -1,0 +1,255 @@
+"""Sessions at run time: the engine's callbacks into the log, clients, the disconnect timer,
+cancel, recovery after a restart, and expiry. The only writer to the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import torch
+
+from engine import Engine, GenerationJob
+from formatters import FORMATTERS, Out, usage_object
+from sampling import SamplingParams
+from settings import settings
+from store import Session, SessionStore
+from telemetry import GENERATIONS_FINISHED
+
+log = logging.getLogger("resumable.runtime")
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine callbacks
+# ---------------------------------------------------------------------------------------------
+
+
+FINISH_STATES = {"stop": "completed", "length": "completed", "cancelled": "cancelled",
+                 "interrupted": "interrupted"}
+
+
+class SessionSink:
+    """The engine's way back to the event loop: each method is called on the engine thread and
+    runs its work on the loop. Once the session is terminal (cancelled from outside, deleted,
+    server stopping) later calls change nothing."""
+
+    def __init__(self, runtime: "Runtime", s: Session, prompt_tokens: int):
+        self.runtime, self.s = runtime, s
+        self.completion_tokens = 0
+        self.prompt_tokens = prompt_tokens
+
+    def _call(self, fn, *args) -> None:
+        try:
+            self.runtime.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            pass  # the loop closed under a generation during shutdown: nothing is listening
+
+    def started(self, prompt_tokens: int) -> None:
+        self._call(self._started, prompt_tokens)
+
+    def delta(self, text: str, completion_tokens: int, kind: str = "content") -> None:
+        self._call(self._delta, text, completion_tokens, kind)
+
+    def finished(self, reason: str, prompt_tokens: int, completion_tokens: int,
+                 reasoning_tokens: int = 0) -> None:
+        self._call(self._finished, reason,
+                   usage_object(prompt_tokens, completion_tokens, reasoning_tokens))
+
+    def failed(self, message: str) -> None:
+        self._call(self.runtime.fail, self.s, message)
+
+    def _started(self, prompt_tokens: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        if self.s.terminal or self.s.deleted:
+            return
+        self.runtime.store.set_state(self.s, "in_progress")
+        self.runtime.append_all(self.s, self.s.formatter.start())
+
+    def _delta(self, text: str, completion_tokens: int, kind: str) -> None:
+        self.completion_tokens = completion_tokens
+        if not (self.s.terminal or self.s.deleted):
+            self.runtime.append_all(self.s, self.s.formatter.delta(text, kind))
+
+    def _finished(self, reason: str, usage: dict[str, int]) -> None:
+        self.runtime.finish(self.s, reason, usage)
+
+    def usage_so_far(self) -> dict[str, int]:
+        return usage_object(self.prompt_tokens, self.completion_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# The runtime
+# ---------------------------------------------------------------------------------------------
+
+
+class Runtime:
+    """Live state around the store: the loop, the engine, and each session's clients."""
+
+    def __init__(self, store: SessionStore, engine: Engine, loop: asyncio.AbstractEventLoop):
+        self.store, self.engine, self.loop = store, engine, loop
+        self.sinks: dict[str, SessionSink] = {}
+
+    # --- creating and starting sessions -------------------------------------------------------
+
+    def create(self, session_id: str, kind: str, model: str, digest: str,
+               request: dict[str, Any]) -> Session:
+        """A new `queued` session with its formatter and its first events (e.g.
+        `response.created`) appended. Raises KeyError if a live session has the id."""
+        s = self.store.create(session_id, kind, model, digest, request)
+        s.formatter = FORMATTERS[kind](s)
+        self.append_all(s, s.formatter.created())
+        return s
+
+    def start(self, s: Session, inputs: dict[str, torch.Tensor], params: SamplingParams,
+              starts_in_reasoning: bool | None) -> None:
+        """Queue the session's generation: inputs as `prepare` made them (`input_ids`
+        (1, prompt_tokens), vision tensors), and arm the disconnect timer (no client may
+        ever attach)."""
+        sink = SessionSink(self, s, int(inputs["input_ids"].shape[-1]))
+        self.sinks[s.id] = sink
+        self.engine.submit(GenerationJob(s.id, s.cancel_event, inputs, params, sink,
+                                         starts_in_reasoning))
+        s.last_detached_at = time.monotonic()
+        self.arm_disconnect_timer(s)
+
+    async def discard(self, s: Session) -> None:
+        """Drop a session that never started (its request was answered with an error)."""
+        await self.store.delete(s.id)
+
+    # --- the log -----------------------------------------------------------------------------
+
+    def append_all(self, s: Session, events: list[Out]) -> None:
+        self.store.append_many(s, events)
+
+    def finish(self, s: Session, reason: str, usage: dict[str, int] | None) -> None:
+        """Append the terminal events for `reason` and move to the matching terminal state,
+        in one transaction."""
+        if s.terminal or s.deleted:
+            return
+        self.store.append_many(s, s.formatter.finish(reason, usage), FINISH_STATES[reason],
+                               reason, usage)
+        GENERATIONS_FINISHED.labels(reason).inc()
+        self.sinks.pop(s.id, None)
+
+    def fail(self, s: Session, message: str) -> None:
+        if s.terminal or s.deleted:
+            return
+        self.store.append_many(s, s.formatter.error(message), "failed")
+        GENERATIONS_FINISHED.labels("error").inc()
+        self.sinks.pop(s.id, None)
+
+    # --- clients and the disconnect timer ---------------------------------------------------
+
+    def attach(self, s: Session) -> None:
+        s.attached += 1
+
+    def detach(self, s: Session) -> None:
+        s.attached -= 1
+        if s.attached == 0:
+            s.last_detached_at = time.monotonic()
+            self.arm_disconnect_timer(s)
+
+    def arm_disconnect_timer(self, s: Session) -> None:
+        """Cancel `s` once no client has been attached for CANCEL_AFTER_DISCONNECT_SECONDS."""
+        delay = settings.cancel_after_disconnect_seconds
+        # A background response has no client by design: only cancel stops it.
+        if delay > 0 and not s.terminal and not s.request.get("background"):
+            self.loop.call_later(delay, self._disconnect_check, s)
+
+    def _disconnect_check(self, s: Session) -> None:
+        delay = settings.cancel_after_disconnect_seconds
+        if (s.terminal or s.deleted or s.attached > 0 or s.last_detached_at is None
+                or time.monotonic() - s.last_detached_at < delay - 0.05):
+            return
+        log.info("session %s: no client for %.0f s, cancelling", s.id, delay)
+        self.loop.create_task(self.cancel(s))
+
+    # --- cancel ------------------------------------------------------------------------------
+
+    async def cancel(self, s: Session, wait_seconds: float = 5.0) -> bool:
+        """Stop `s` at its next token; returns False if it had already ended (idempotent).
+
+        A queued session ends at once. A running one ends when the engine sees the flag; if the
+        engine is stuck longer than `wait_seconds` (a long prefill) it is ended from here and
+        what the engine still sends is dropped.
+        """
+        if s.terminal:
+            return False
+        s.cancel_event.set()
+        sink = self.sinks.get(s.id)
+        if s.state == "queued" or sink is None:
+            self.finish(s, "cancelled", sink.usage_so_far() if sink else None)
+            return True
+        try:
+            await asyncio.wait_for(wait_terminal(s), wait_seconds)
+        except asyncio.TimeoutError:
+            self.finish(s, "cancelled", sink.usage_so_far())
+        return True
+
+    async def forget(self, s: Session) -> None:
+        """DELETE: cancel `s` if it runs, then drop it and its events."""
+        if not s.terminal:
+            await self.cancel(s)
+        await self.store.delete(s.id)
+
+    def interrupt_all(self) -> None:
+        """On shutdown: end every unfinished session as `interrupted`."""
+        for s in list(self.store.sessions.values()):
+            if not s.terminal:
+                s.cancel_event.set()
+                sink = self.sinks.get(s.id)
+                self.finish(s, "interrupted", sink.usage_so_far() if sink else None)
+
+
+async def wait_terminal(s: Session) -> None:
+    while not (s.terminal and s.visible >= s.next_index) and not s.deleted:
+        wake = s._wake
+        await wake.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# Startup and housekeeping
+# ---------------------------------------------------------------------------------------------
+
+
+def formatters_for(rt: Runtime, sessions: list[Session]) -> None:
+    """Give each loaded session its formatter; a session of an unknown kind (a damaged or
+    foreign row) is logged and ended `failed`, and the others are served."""
+    for s in sessions:
+        try:
+            s.formatter = FORMATTERS[s.kind](s)
+        except Exception:  # noqa: BLE001 - one bad stored session must not stop the server
+            log.error("session %s has kind %r, which this server cannot serve: marked failed",
+                      s.id, s.kind)
+            s.formatter = None
+            if not s.terminal:
+                rt.store.set_state(s, "failed")
+
+
+async def recover(rt: Runtime, unfinished: list[Session]) -> None:
+    """Sessions that were running when the server stopped end as `interrupted`: their stored
+    events stay, then the terminal events and `[DONE]` (docs/wire-contract.md, Sessions).
+    Stateful formatters first see the stored events, so their ending matches them."""
+    for s in unfinished:
+        log.info("session %s was %s when the server stopped: interrupted", s.id, s.state)
+        try:
+            for ev in await rt.store.read(s):
+                s.formatter.observe(ev.data)
+            rt.finish(s, "interrupted", None)
+        except Exception:  # noqa: BLE001 - one damaged session must not stop the server
+            log.exception("session %s could not be recovered; marked interrupted as is", s.id)
+            rt.store.set_state(s, "interrupted", "interrupted")
+
+
+async def sweep_loop(store: SessionStore) -> None:
+    period = min(60.0, max(1.0, settings.sessions_ttl_seconds / 4))
+    while True:
+        await asyncio.sleep(period)
+        try:
+            n = await store.sweep()
+            if n:
+                log.info("expired %d sessions", n)
+        except Exception:  # noqa: BLE001 - the sweeper must outlive one bad pass
+            log.exception("session sweep failed")
