@@ -91,10 +91,16 @@ async def lifespan(app: FastAPI):
     try:
         yield
     finally:
+        # Each step runs whatever the one before did: a store left open keeps the process
+        # (aiosqlite's thread) and the database lock alive.
         sweeper.cancel()
-        rt.interrupt_all()
-        await asyncio.to_thread(engine.stop)
-        await store.close()
+        try:
+            rt.interrupt_all()
+        finally:
+            try:
+                await asyncio.to_thread(engine.stop)
+            finally:
+                await store.close()
         if app.state.exit_code:
             logging.shutdown()
             os._exit(app.state.exit_code)

@@ -129,10 +129,19 @@ def _data_url_bytes(url: str, limits: MediaLimits, param: str) -> bytes:
     if mime and not _MIME_TYPE.fullmatch(mime):
         raise malformed
     payload = url[comma + 1:]
-    if len(payload) * 3 // 4 > limits.max_bytes:
-        raise MediaError(413, f"media is larger than {limits.max_bytes} bytes", param)
+    too_large = MediaError(413, f"media is larger than {limits.max_bytes} bytes", param)
     if not params or params[-1].lower() != "base64":
-        return urllib.parse.unquote_to_bytes(payload)
+        if len(payload) // 3 > limits.max_bytes:  # "%41" is 3 characters for 1 byte
+            raise too_large
+        data = urllib.parse.unquote_to_bytes(payload)
+        if len(data) > limits.max_bytes:
+            raise too_large
+        return data
+    if len(payload) * 3 // 4 > limits.max_bytes:
+        raise too_large
+    # Base64 wrapped at 76 columns (MIME) is common; whitespace carries no data.
+    if any(c in payload for c in " \t\r\n"):
+        payload = "".join(payload.split())
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as e:

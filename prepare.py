@@ -30,23 +30,36 @@ log = logging.getLogger("resumable.prepare")
 # ---------------------------------------------------------------------------------------------
 
 
-def check_unicode(value: Any, path: str = "") -> None:
-    """400 naming the first string that holds a lone UTF-16 surrogate ("\\ud800" in JSON is
-    legal, but such text cannot be encoded, tokenized or stored)."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise APIError(400, f"{path or 'body'}: text contains a lone surrogate "
-                                f"(U+{ord(value[e.start]):04X}); send valid Unicode",
-                           param=path or None, code="invalid_unicode") from None
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            check_unicode(k, path)
-            check_unicode(v, f"{path}.{k}" if path else str(k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            check_unicode(v, f"{path}[{i}]")
+# Deeper JSON than any OpenAI body needs; deeper is refused before anything recurses over it
+# (json.dumps, the media redaction and the store would hit Python's recursion limit: a 500 and a
+# session that never ends).
+MAX_JSON_DEPTH = 64
+
+
+def check_unicode(value: Any) -> None:
+    """400 for a body nested deeper than MAX_JSON_DEPTH, or naming the first string that holds
+    a lone UTF-16 surrogate ("\\ud800" in JSON is legal, but such text cannot be encoded,
+    tokenized or stored). Iterative: hostile nesting cannot exhaust the stack here."""
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(400, f"{path or 'body'}: JSON nested more than {MAX_JSON_DEPTH} "
+                                f"levels deep", param=path or None, code="invalid_body")
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise APIError(400, f"{path or 'body'}: text contains a lone surrogate "
+                                    f"(U+{ord(item[e.start]):04X}); send valid Unicode",
+                               param=path or None, code="invalid_unicode") from None
+        elif isinstance(item, dict):
+            for k, v in reversed(list(item.items())):
+                stack.append((v, f"{path}.{k}" if path else str(k), depth + 1))
+                stack.append((k, path, depth + 1))
+        elif isinstance(item, list):
+            for i in reversed(range(len(item))):
+                stack.append((item[i], f"{path}[{i}]", depth + 1))
 
 
 def body_digest(body: dict[str, Any]) -> str:

@@ -429,13 +429,15 @@ async def retrieve_response(response_id: str, request: Request, stream: bool = F
     then live ones."""
     rt = runtime_of(request)
     s = response_session(rt, response_id, request)
+    if s.request.get("store") is False:
+        # Not retrievable, streamed or not (its stream still resumes as a session:
+        # /v1/sessions/{id}/stream, or the original POST with Last-Event-ID).
+        raise APIError(404, f"response {response_id} was created with store=false",
+                       param="response_id", code="response_not_found")
     if stream:
         after = (starting_after if starting_after is not None
                  else resume_point(s.id, last_event_id_header, last_event_id))
         return sse_response(rt, s, after)
-    if s.request.get("store") is False:
-        raise APIError(404, f"response {response_id} was created with store=false",
-                       param="response_id", code="response_not_found")
     return JSONResponse(await current_object(rt, s), headers={"X-Session-Id": s.id})
 
 

@@ -200,7 +200,10 @@ class Runtime:
             if not s.terminal:
                 s.cancel_event.set()
                 sink = self.sinks.get(s.id)
-                self.finish(s, "interrupted", sink.usage_so_far() if sink else None)
+                try:
+                    self.finish(s, "interrupted", sink.usage_so_far() if sink else None)
+                except Exception:  # noqa: BLE001 - one session must not stop the shutdown
+                    log.exception("session %s could not be ended at shutdown", s.id)
 
 
 async def wait_terminal(s: Session) -> None:

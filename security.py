@@ -52,6 +52,14 @@ def _error(status: int, message: str, type: str, code: str,
 # --- API keys ---------------------------------------------------------------------------------
 
 
+def route_path(scope: dict[str, Any]) -> str:
+    """The path the router matches: uvicorn's `--root-path` is part of `scope["path"]` and is
+    stripped before routing (as Starlette does), so checks must strip it too."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
+
+
+
 class APIKeyMiddleware:
     """401 for `/v1` requests without one of `keys` as a Bearer token; CORS preflights pass
     (browsers send them without credentials). Compares in constant time."""
@@ -61,8 +69,9 @@ class APIKeyMiddleware:
         self.keys = [k.encode() for k in keys]
 
     async def __call__(self, scope, receive, send):
+        path = route_path(scope)
         if (scope["type"] != "http" or not self.keys or scope["method"] == "OPTIONS"
-                or not (scope["path"] == "/v1" or scope["path"].startswith("/v1/"))):
+                or not (path == "/v1" or path.startswith("/v1/"))):
             return await self.app(scope, receive, send)
         header = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")
@@ -87,9 +96,12 @@ class APIKeyMiddleware:
 
 def _is_loopback(host: str) -> bool:
     try:
-        return ipaddress.ip_address(host.strip("[]").split("%", 1)[0]).is_loopback
+        ip = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
     except ValueError:
         return False
+    # A dual-stack socket reports an IPv4 peer as ::ffff:127.0.0.1.
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
 
 
 def host_name(header: str) -> str:
@@ -97,7 +109,8 @@ def host_name(header: str) -> str:
     header = header.strip().lower()
     if header.startswith("["):
         return header[1:header.find("]")] if "]" in header else header[1:]
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+    name = header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+    return name.rstrip(".")  # "localhost." is the same name, fully qualified
 
 
 def is_local_name(name: str) -> bool:

@@ -407,8 +407,12 @@ class SessionStore:
         s = Session(id=session_id, kind=kind, model=model, created=time.time(),
                     body_digest=body_digest, request=request,
                     ring=deque(maxlen=self.ring_size))
+        # Serialized before it is registered: a request that cannot be stored (raises) must
+        # not leave a session behind that no writer ever persisted.
+        op = self._session_op(s)
         self.sessions[session_id] = s
-        self._write_session(s)
+        if self._db is not None:
+            self._writes.put_nowait(op)
         return s
 
     def set_state(self, s: Session, state: str, finish_reason: str | None = None,

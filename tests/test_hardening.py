@@ -95,6 +95,17 @@ def test_lone_surrogates_are_400(http, route, body, param):
     assert_error(r, 400, param)
 
 
+@pytest.mark.parametrize("depth", [100, 950, 20_000])
+def test_deeply_nested_json_is_400_and_leaves_no_session(http, depth):
+    s = sid()
+    body = ('{"prompt": "hi", "max_tokens": 1, "session_id": "%s", "x": ' % s
+            + "[" * depth + "]" * depth + "}")
+    r = http.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert_error(r, 400)
+    assert http.get(f"/v1/sessions/{s}").status_code == 404
+    assert http.get("/ready").status_code == 200
+
+
 def test_health_names_no_paths_or_errors(http):
     body = http.get("/health").json()
     assert body["status"] == "ok" and "model_error" not in body
@@ -147,7 +158,11 @@ def test_store_false_response_input_items_are_404(http):
     assert r.status_code == 200, r.text
     rid = r.json()["id"]
     assert_error(http.get(f"/v1/responses/{rid}"), 404)
+    assert_error(http.get(f"/v1/responses/{rid}?stream=true"), 404)
     assert_error(http.get(f"/v1/responses/{rid}/input_items"), 404)
+    # Its stream still resumes as a session.
+    _, events = read_events(http, "GET", f"/v1/sessions/{rid[5:]}/stream")
+    assert events[-1]["data"] == "[DONE]"
 
 
 # --- cancel inside a long prefill -------------------------------------------------------------

@@ -101,6 +101,13 @@ def test_data_urls():
     assert load_bytes("data:,a,b", MediaLimits(), "p") == b"a,b"
     # base64 only as the last parameter: otherwise the payload is percent-encoded text
     assert load_bytes("data:image/png;base64;x=1,aGk=", MediaLimits(), "p") == b"aGk="
+    # MIME-wrapped base64 (76 columns, CRLF) decodes; whitespace carries no data
+    assert load_bytes("data:image/png;base64,aGVs\r\nbG8g\nd29y bGQ=", MediaLimits(),
+                      "p") == b"hello world"
+    # percent-encoded payloads are held to the byte cap after decoding
+    with pytest.raises(MediaError) as e:
+        load_bytes("data:text/plain," + "a" * 1300, MediaLimits(max_bytes=1024), "p")
+    assert e.value.status == 413
     for bad in ["data:image/png;base64,a!b", "data:nocomma", "data:image png,x",
                 "data:image/png/x,y", "data:image/png;base64"]:
         with pytest.raises(MediaError) as e:
