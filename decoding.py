@@ -114,7 +114,7 @@ class ReasoningParser:
 
     Tags split across pieces are held back until complete; the tags themselves and the newlines
     right after them are dropped. Without `</think>` everything after the opening is reasoning.
-    `feed` returns [(kind, text)] with kind "reasoning" or "content", in order.
+    `feed` returns [(channel, text)] with channel "reasoning" or "content", in order.
     """
 
     def __init__(self, starts_in_reasoning: bool):

@@ -121,8 +121,8 @@ class SessionStreamer(BaseStreamer):
             parts = [("content", text)] if text else []
         else:
             parts = self.parser.feed(text) + (self.parser.flush() if final else [])
-        for kind, piece in parts:
-            self.job.sink.delta(piece, self.completion_tokens, kind)
+        for channel, piece in parts:
+            self.job.sink.delta(piece, self.completion_tokens, channel)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 from schemas import error_body
 from store import Session
@@ -53,6 +53,38 @@ Out = tuple[str, "str | None"]  # one event: (SSE data, SSE event name or None)
 DONE: Out = ("[DONE]", None)
 
 
+class Formatter(Protocol):
+    """The contract the runtime relies on; ChatFormatter, CompletionFormatter and
+    ResponsesFormatter satisfy it. A formatter is built from the stored session alone
+    (`Formatter(s)`), so a restart rebuilds it; stateful ones then `observe` the stored events.
+
+    Event builders return the events to append, as (SSE data, SSE event name) pairs:
+    `created()` when the session is made, `start()` when generation begins, `delta()` per text
+    piece of a `channel` ("content" or "reasoning"), `finish()` (reason: stop, length,
+    cancelled, interrupted) or `error()` at the end, each ending with `[DONE]`.
+    `result()` folds stored event data into the non-streamed API object; `live_result()` gives
+    the same from the formatter's running fold when the log's start is gone (memory-only mode).
+    """
+
+    kind: str
+
+    def observe(self, data: str) -> None: ...
+
+    def created(self) -> list[Out]: ...
+
+    def start(self) -> list[Out]: ...
+
+    def delta(self, text: str, channel: str = "content") -> list[Out]: ...
+
+    def finish(self, reason: str, usage: dict[str, Any] | None) -> list[Out]: ...
+
+    def error(self, message: str) -> list[Out]: ...
+
+    def result(self, s: Session, datas: list[str]) -> dict[str, Any]: ...
+
+    def live_result(self, s: Session) -> dict[str, Any]: ...
+
+
 # ---------------------------------------------------------------------------------------------
 # Chat completions
 # ---------------------------------------------------------------------------------------------
@@ -86,11 +118,24 @@ class ChatFormatter:
         """Stateless: nothing to rebuild from stored events."""
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> Out:
-        chunk = {**self.base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                           "finish_reason": finish_reason}]}
+        return self._wrap({"index": 0, "delta": delta, "logprobs": None,
+                           "finish_reason": finish_reason})
+
+    def _wrap(self, choice: dict[str, Any]) -> Out:
+        chunk = {**self.base, "choices": [choice]}
         if self.include_usage:
             chunk["usage"] = None
         return dumps(chunk), None
+
+    def _final(self, reason: str) -> Out:
+        """The chunk that carries `finish_reason`."""
+        return self._chunk({}, reason)
+
+    @staticmethod
+    def _texts(choice: dict[str, Any]) -> tuple[str, str]:
+        """(content, reasoning) text of one stored chunk's choice."""
+        return (choice["delta"].get("content") or "",
+                choice["delta"].get("reasoning_content") or "")
 
     def created(self) -> list[Out]:
         return []
@@ -98,14 +143,15 @@ class ChatFormatter:
     def start(self) -> list[Out]:
         return [self._chunk({"role": "assistant", "content": ""})]
 
-    def delta(self, text: str, kind: str = "content") -> list[Out]:
-        """A content chunk, or for kind "reasoning" a `reasoning_content` chunk (vLLM's field)."""
-        self.texts["reasoning" if kind == "reasoning" else "content"].append(text)
-        return [self._chunk({"reasoning_content" if kind == "reasoning" else "content": text})]
+    def delta(self, text: str, channel: str = "content") -> list[Out]:
+        """A content chunk, or for channel "reasoning" a `reasoning_content` chunk (vLLM's
+        field)."""
+        self.texts["reasoning" if channel == "reasoning" else "content"].append(text)
+        return [self._chunk({"reasoning_content" if channel == "reasoning" else "content": text})]
 
     def finish(self, reason: str, usage: dict[str, Any] | None) -> list[Out]:
         self.finish_reason = reason
-        out = [self._chunk({}, reason)]
+        out = [self._final(reason)]
         if self.include_usage and usage is not None:
             out.append((dumps({**self.base, "choices": [], "usage": usage}), None))
         return out + [DONE]
@@ -119,10 +165,10 @@ class ChatFormatter:
         for data in datas:
             if data == "[DONE]" or data.startswith('{"error"'):
                 continue
-            chunk = json.loads(data)
-            for choice in chunk.get("choices", []):
-                text.append(choice["delta"].get("content") or "")
-                reasoning.append(choice["delta"].get("reasoning_content") or "")
+            for choice in json.loads(data).get("choices", []):
+                content, thought = self._texts(choice)
+                text.append(content)
+                reasoning.append(thought)
                 finish_reason = choice.get("finish_reason") or finish_reason
         return self._object(s, text, reasoning, finish_reason)
 
@@ -163,11 +209,15 @@ class CompletionFormatter(ChatFormatter):
                      "model": s.model, "system_fingerprint": SYSTEM_FINGERPRINT}
 
     def _text(self, text: str, finish_reason: str | None = None) -> Out:
-        chunk = {**self.base, "choices": [{"text": text, "index": 0, "logprobs": None,
-                                           "finish_reason": finish_reason}]}
-        if self.include_usage:
-            chunk["usage"] = None
-        return dumps(chunk), None
+        return self._wrap({"text": text, "index": 0, "logprobs": None,
+                           "finish_reason": finish_reason})
+
+    def _final(self, reason: str) -> Out:
+        return self._text("", reason)
+
+    @staticmethod
+    def _texts(choice: dict[str, Any]) -> tuple[str, str]:
+        return choice["text"], ""
 
     def start(self) -> list[Out]:
         if not self.echo_text:
@@ -175,26 +225,9 @@ class CompletionFormatter(ChatFormatter):
         self.texts["content"].append(self.echo_text)
         return [self._text(self.echo_text)]
 
-    def delta(self, text: str, kind: str = "content") -> list[Out]:
+    def delta(self, text: str, channel: str = "content") -> list[Out]:
         self.texts["content"].append(text)
         return [self._text(text)]
-
-    def finish(self, reason: str, usage: dict[str, Any] | None) -> list[Out]:
-        self.finish_reason = reason
-        out = [self._text("", reason)]
-        if self.include_usage and usage is not None:
-            out.append((dumps({**self.base, "choices": [], "usage": usage}), None))
-        return out + [DONE]
-
-    def result(self, s: Session, datas: list[str]) -> dict[str, Any]:
-        text, finish_reason = [], None
-        for data in datas:
-            if data == "[DONE]" or data.startswith('{"error"'):
-                continue
-            for choice in json.loads(data).get("choices", []):
-                text.append(choice["text"])
-                finish_reason = choice.get("finish_reason") or finish_reason
-        return self._object(s, text, [], finish_reason)
 
     def _object(self, s: Session, text: list[str], reasoning: list[str],
                 finish_reason: str | None) -> dict[str, Any]:
@@ -264,14 +297,14 @@ class ResponsesFormatter:
             self._apply(json.loads(data))
 
     def _apply(self, ev: dict[str, Any]) -> None:
-        kind, output = ev["type"], self.response["output"]
-        if kind in ("response.output_text.delta", "response.reasoning_text.delta"):
+        event_type, output = ev["type"], self.response["output"]
+        if event_type in ("response.output_text.delta", "response.reasoning_text.delta"):
             output[ev["output_index"]]["content"][ev["content_index"]]["text"] += ev["delta"]
-        elif kind == "response.output_item.added":
+        elif event_type == "response.output_item.added":
             output.append(copy.deepcopy(ev["item"]))
-        elif kind == "response.content_part.added":
+        elif event_type == "response.content_part.added":
             output[ev["output_index"]]["content"].append(dict(ev["part"]))
-        elif kind == "response.output_item.done":
+        elif event_type == "response.output_item.done":
             output[ev["output_index"]] = copy.deepcopy(ev["item"])
         elif "response" in ev:
             self.response = {**ev["response"], "output": output}
@@ -291,12 +324,13 @@ class ResponsesFormatter:
 
     # --- events ------------------------------------------------------------------------------
 
-    def _ev(self, kind: str, **fields: Any) -> Out:
-        payload = {"type": kind, "sequence_number": self.s.next_index + self.pending, **fields}
+    def _ev(self, event_type: str, **fields: Any) -> Out:
+        payload = {"type": event_type, "sequence_number": self.s.next_index + self.pending,
+                   **fields}
         self.pending += 1
         data = dumps(payload)  # serialized before the fold mutates anything it shares
         self._apply(payload)
-        return data, kind
+        return data, event_type
 
     def _snapshot(self, status: str, **fields: Any) -> dict[str, Any]:
         return {**self.current(), "status": status, **fields}
@@ -340,9 +374,9 @@ class ResponsesFormatter:
                 self._ev("response.output_item.done", output_index=index,
                          item={**copy.deepcopy(item), "status": status})]
 
-    def delta(self, text: str, kind: str = "content") -> list[Out]:
+    def delta(self, text: str, channel: str = "content") -> list[Out]:
         self.pending = 0
-        reasoning = kind == "reasoning"
+        reasoning = channel == "reasoning"
         out: list[Out] = []
         item = self._open()
         if item is None or (item["type"] == "reasoning") != reasoning:

@@ -87,7 +87,7 @@ async def lifespan(app: FastAPI):
             exit_after_model_failure(app, handle)
 
     threading.Thread(target=load, name="model-loader", daemon=True).start()
-    sweeper = asyncio.create_task(sweep_loop(store))
+    sweeper = asyncio.create_task(sweep_loop(rt))
     try:
         yield
     finally:

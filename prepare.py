@@ -166,8 +166,8 @@ MEDIA_PARTS = {"image_url": "image", "input_image": "image", "image": "image",
 
 def media_url(part: dict[str, Any]) -> Any:
     """The URL of a media content part, whichever accepted shape it comes in."""
-    kind = part.get("type")
-    value = part.get(kind) if kind in ("image_url", "video_url", "image", "video") else None
+    part_type = part.get("type")
+    value = part.get(part_type) if part_type in ("image_url", "video_url", "image", "video") else None
     if value is None:
         value = part.get("image_url") or part.get("url")
     return value.get("url") if isinstance(value, dict) else value
@@ -186,18 +186,18 @@ def chat_messages(messages: list[ChatMessage], handle: ModelHandle) -> list[dict
         parts = [{"type": "text", "text": m.content}] if isinstance(m.content, str) else (m.content or [])
         content: list[dict[str, Any]] = []
         for j, part in enumerate(parts):
-            kind, param = part.get("type"), f"messages[{i}].content[{j}]"
-            if kind in ("text", "input_text") and isinstance(part.get("text"), str):
+            part_type, param = part.get("type"), f"messages[{i}].content[{j}]"
+            if part_type in ("text", "input_text") and isinstance(part.get("text"), str):
                 content.append({"type": "text", "text": part["text"]})
-            elif kind in MEDIA_PARTS:
-                modality = MEDIA_PARTS[kind]
+            elif part_type in MEDIA_PARTS:
+                modality = MEDIA_PARTS[part_type]
                 if modality not in handle.input_modalities:
                     raise APIError(400, f"the served model {handle.name} does not accept "
                                         f"{modality}s: it takes {', '.join(handle.input_modalities)}",
                                    param=param, code="unsupported_modality")
                 url = media_url(part)
                 if not isinstance(url, str):
-                    raise APIError(400, f"a {kind} part needs a url string", param=param)
+                    raise APIError(400, f"a {part_type} part needs a url string", param=param)
                 media += 1
                 if media > settings.max_media_per_request:
                     raise APIError(400, f"too many images and videos in one request (at most "
@@ -205,7 +205,7 @@ def chat_messages(messages: list[ChatMessage], handle: ModelHandle) -> list[dict
                                    param=param, code="too_many_media")
                 content.append({"type": modality, "url": url, "param": param})
             else:
-                raise APIError(400, f"unsupported content part type {kind!r}", param=f"{param}.type")
+                raise APIError(400, f"unsupported content part type {part_type!r}", param=f"{param}.type")
         role = "system" if m.role == "developer" else m.role
         if handle.processor is not None:
             out.append({"role": role, "content": content})
@@ -223,13 +223,13 @@ def response_input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
     raw = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
     items = []
     for i, item in enumerate(raw):
-        kind = item.get("type", "message")
-        if kind in UNSUPPORTED_ITEM_TYPES:
-            raise unsupported(f"input[{i}].type", f"input items of type {kind!r} are not "
+        item_type = item.get("type", "message")
+        if item_type in UNSUPPORTED_ITEM_TYPES:
+            raise unsupported(f"input[{i}].type", f"input items of type {item_type!r} are not "
                                                   f"supported by this server", True)
-        if kind == "reasoning":
+        if item_type == "reasoning":
             continue  # earlier reasoning is context the chat templates drop anyway
-        if kind != "message" or item.get("role") not in ("user", "assistant", "system",
+        if item_type != "message" or item.get("role") not in ("user", "assistant", "system",
                                                           "developer"):
             raise APIError(400, f"input[{i}] must be a message with role user, assistant, system "
                                 f"or developer", param=f"input[{i}]")
@@ -442,7 +442,7 @@ def prompt_ids(handle: ModelHandle, prompt: Any) -> tuple[torch.Tensor, str]:
     return torch.tensor([prompt]), handle.tokenizer.decode(prompt)
 
 
-def reasoning_start(handle: ModelHandle, inputs: dict[str, torch.Tensor]) -> bool | None:
+def starts_in_reasoning(handle: ModelHandle, inputs: dict[str, torch.Tensor]) -> bool | None:
     """None when no reasoning split applies; else whether the prompt opened a think block."""
     if settings.reasoning_parser == "none" or not handle.thinks:
         return None
@@ -491,9 +491,9 @@ def sampling_params(req: Any, handle: ModelHandle, prompt_tokens: int,
 @dataclass
 class Prepared:
     """A route's preparation of a new session: model inputs, sampling, what the session stores
-    of the request, and the reasoning split (see `reasoning_start`)."""
+    of the request, and the reasoning split (see `starts_in_reasoning`)."""
 
     inputs: dict[str, torch.Tensor]
     params: SamplingParams
     stored: dict[str, Any]
-    thinking: bool | None = None
+    starts_in_reasoning: bool | None = None

@@ -20,10 +20,10 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from formatters import ChatFormatter, CompletionFormatter, ResponsesFormatter
 from model import ModelHandle, require_ready
 from prepare import (Prepared, body_digest, chat_messages, check_prompt_chars, check_unicode,
-                     item_messages, message_chars, prepare_chat_inputs, prompt_ids, reasoning_start,
-                     redact_media, refuse_unsupported, refuse_unsupported_response,
-                     response_input_items, sampling_params, template_kwargs, unsupported)
-from runtime import Runtime, wait_terminal
+                     item_messages, message_chars, prepare_chat_inputs, prompt_ids, redact_media,
+                     refuse_unsupported, refuse_unsupported_response, response_input_items,
+                     sampling_params, starts_in_reasoning, template_kwargs, unsupported)
+from runtime import Runtime
 from schemas import (SESSION_ID_PATTERN, APIError, ChatCompletionRequest, ChatMessage,
                      CompletionRequest, ResponsesRequest)
 from security import request_owner
@@ -163,7 +163,7 @@ async def completed_response(rt: Runtime, s: Session, request: Request) -> JSONR
     try:
         while not (s.terminal and s.visible >= s.next_index) and not s.deleted:
             try:
-                await asyncio.wait_for(wait_terminal(s), 1.0)
+                await asyncio.wait_for(rt.store.wait_terminal(s), 1.0)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     raise APIError(499, "client disconnected")
@@ -172,7 +172,10 @@ async def completed_response(rt: Runtime, s: Session, request: Request) -> JSONR
     if s.deleted:
         raise APIError(404, f"session {s.id} was deleted", param="session_id")
     if s.state == "failed" and s.kind != ResponsesFormatter.kind:
-        datas = [ev.data for ev in s.ring]  # the error event is among the last ones
+        try:
+            datas = [ev.data for ev in await rt.store.read(s)]
+        except EventsGone:
+            datas = []
         message = next((json.loads(d)["error"]["message"] for d in datas if d.startswith('{"error"')),
                        "generation failed")
         raise APIError(500, message, type="server_error", code="generation_failed")
@@ -191,9 +194,9 @@ async def current_object(rt: Runtime, s: Session) -> dict[str, Any]:
     """The session's API object as of now (partial output while it runs). Folded from the log;
     from the formatter's running fold when the log's start is gone (memory-only mode)."""
     try:
-        return s.formatter.result(s, [ev.data for ev in await rt.store.read(s)])
+        return rt.formatter(s).result(s, [ev.data for ev in await rt.store.read(s)])
     except EventsGone:
-        return s.formatter.live_result(s)
+        return rt.formatter(s).live_result(s)
 
 
 async def respond(rt: Runtime, s: Session, stream: bool, after: int, request: Request):
@@ -286,7 +289,7 @@ async def run_session(request: Request, body, kind: str, prepare, header_id: str
         raise APIError(503, f"session storage is failing, so no generation can start: "
                             f"{storage_reason(rt, str(e))}",
                        code="storage_unavailable", headers={"Retry-After": "5"}) from e
-    rt.start(s, prepared.inputs, prepared.params, prepared.thinking)
+    rt.start(s, prepared.inputs, prepared.params, prepared.starts_in_reasoning)
     return await respond(rt, s, body.stream, -1, request)
 
 
@@ -333,7 +336,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                                          template_kwargs(handle, body.chat_template_kwargs or {}))
         params = sampling_params(body, handle, int(inputs["input_ids"].shape[-1]),
                                  body.max_completion_tokens or body.max_tokens)
-        return Prepared(inputs, params, redact_media(raw), reasoning_start(handle, inputs))
+        return Prepared(inputs, params, redact_media(raw), starts_in_reasoning(handle, inputs))
 
     return await run_session(request, body, ChatFormatter.kind, prepare, last_event_id_header,
                              last_event_id)
@@ -414,7 +417,7 @@ async def create_response(body: ResponsesRequest, request: Request,
         params = sampling_params(body, handle, int(inputs["input_ids"].shape[-1]),
                                  body.max_output_tokens)
         stored = redact_media({**raw, "_input_items": items, "_conversation": history + items})
-        return Prepared(inputs, params, stored, reasoning_start(handle, inputs))
+        return Prepared(inputs, params, stored, starts_in_reasoning(handle, inputs))
 
     return await run_session(request, body, ResponsesFormatter.kind, prepare,
                              last_event_id_header, last_event_id)
@@ -542,15 +545,15 @@ def validation_error(request: Request, err: dict[str, Any]) -> APIError:
     the common mistakes (not JSON, no JSON Content-Type, empty body, not an object) get their
     own words instead of "0: JSON decode error" or "Input should be a valid dictionary"."""
     loc = tuple(err.get("loc", ()))
-    kind = err.get("type")
-    if kind == "json_invalid":
+    error_type = err.get("type")
+    if error_type == "json_invalid":
         where = f" at character {loc[1]}" if len(loc) > 1 and isinstance(loc[1], int) else ""
         reason = (err.get("ctx") or {}).get("error", "JSON decode error")
         return APIError(400, f"the request body is not valid JSON ({reason}{where}); send one "
                              f"JSON object, e.g. {{\"messages\": [...]}}", code="invalid_json")
     if loc == ("body",):
         content_type = request.headers.get("content-type", "")
-        if kind == "missing":
+        if error_type == "missing":
             return APIError(400, "the request body is empty: send a JSON object with "
                                  "'Content-Type: application/json'", code="missing_body")
         if "json" not in content_type.lower():

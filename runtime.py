@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from engine import Engine, GenerationJob
-from formatters import FORMATTERS, Out, usage_object
+from formatters import FORMATTERS, Formatter, Out, usage_object
 from sampling import SamplingParams
 from settings import settings
 from store import Session, SessionStore
@@ -36,7 +38,7 @@ class SessionSink:
     server stopping) later calls change nothing."""
 
     def __init__(self, runtime: "Runtime", s: Session, prompt_tokens: int):
-        self.runtime, self.s = runtime, s
+        self.runtime, self.s, self.live = runtime, s, runtime.live[s.id]
         self.completion_tokens = 0
         self.prompt_tokens = prompt_tokens
 
@@ -49,8 +51,8 @@ class SessionSink:
     def started(self, prompt_tokens: int) -> None:
         self._call(self._started, prompt_tokens)
 
-    def delta(self, text: str, completion_tokens: int, kind: str = "content") -> None:
-        self._call(self._delta, text, completion_tokens, kind)
+    def delta(self, text: str, completion_tokens: int, channel: str = "content") -> None:
+        self._call(self._delta, text, completion_tokens, channel)
 
     def finished(self, reason: str, prompt_tokens: int, completion_tokens: int,
                  reasoning_tokens: int = 0) -> None:
@@ -65,12 +67,12 @@ class SessionSink:
         if self.s.terminal or self.s.deleted:
             return
         self.runtime.store.set_state(self.s, "in_progress")
-        self.runtime.append_all(self.s, self.s.formatter.start())
+        self.runtime.append_all(self.s, self.live.formatter.start())
 
-    def _delta(self, text: str, completion_tokens: int, kind: str) -> None:
+    def _delta(self, text: str, completion_tokens: int, channel: str) -> None:
         self.completion_tokens = completion_tokens
         if not (self.s.terminal or self.s.deleted):
-            self.runtime.append_all(self.s, self.s.formatter.delta(text, kind))
+            self.runtime.append_all(self.s, self.live.formatter.delta(text, channel))
 
     def _finished(self, reason: str, usage: dict[str, int]) -> None:
         self.runtime.finish(self.s, reason, usage)
@@ -84,12 +86,30 @@ class SessionSink:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass(eq=False)
+class LiveSession:
+    """What a session has only while this process serves it (never persisted, never shared
+    between replicas): its formatter (a fold over its events; None for a kind this server
+    cannot serve), the cancel flag the engine polls, attached clients, the disconnect clock."""
+
+    formatter: Formatter | None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    attached: int = 0
+    last_detached_at: float | None = None
+
+
 class Runtime:
     """Live state around the store: the loop, the engine, and each session's clients."""
 
     def __init__(self, store: SessionStore, engine: Engine, loop: asyncio.AbstractEventLoop):
         self.store, self.engine, self.loop = store, engine, loop
         self.sinks: dict[str, SessionSink] = {}
+        self.live: dict[str, LiveSession] = {}
+
+    def formatter(self, s: Session) -> Formatter | None:
+        """The session's formatter (None for a kind this server cannot serve)."""
+        live = self.live.get(s.id)
+        return live.formatter if live else None
 
     # --- creating and starting sessions -------------------------------------------------------
 
@@ -98,8 +118,8 @@ class Runtime:
         """A new `queued` session with its formatter and its first events (e.g.
         `response.created`) appended. Raises KeyError if a live session has the id."""
         s = self.store.create(session_id, kind, model, digest, request)
-        s.formatter = FORMATTERS[kind](s)
-        self.append_all(s, s.formatter.created())
+        live = self.live[s.id] = LiveSession(FORMATTERS[kind](s))
+        self.append_all(s, live.formatter.created())
         return s
 
     def start(self, s: Session, inputs: dict[str, torch.Tensor], params: SamplingParams,
@@ -107,15 +127,17 @@ class Runtime:
         """Queue the session's generation: inputs as `prepare` made them (`input_ids`
         (1, prompt_tokens), vision tensors), and arm the disconnect timer (no client may
         ever attach)."""
+        live = self.live[s.id]
         sink = SessionSink(self, s, int(inputs["input_ids"].shape[-1]))
         self.sinks[s.id] = sink
-        self.engine.submit(GenerationJob(s.id, s.cancel_event, inputs, params, sink,
+        self.engine.submit(GenerationJob(s.id, live.cancel, inputs, params, sink,
                                          starts_in_reasoning))
-        s.last_detached_at = time.monotonic()
+        live.last_detached_at = time.monotonic()
         self.arm_disconnect_timer(s)
 
     async def discard(self, s: Session) -> None:
         """Drop a session that never started (its request was answered with an error)."""
+        self.live.pop(s.id, None)
         await self.store.delete(s.id)
 
     # --- the log -----------------------------------------------------------------------------
@@ -128,7 +150,8 @@ class Runtime:
         in one transaction."""
         if s.terminal or s.deleted:
             return
-        self.store.append_many(s, s.formatter.finish(reason, usage), FINISH_STATES[reason],
+        self.store.append_many(s, self.live[s.id].formatter.finish(reason, usage),
+                               FINISH_STATES[reason],
                                reason, usage)
         GENERATIONS_FINISHED.labels(reason).inc()
         self.sinks.pop(s.id, None)
@@ -136,19 +159,22 @@ class Runtime:
     def fail(self, s: Session, message: str) -> None:
         if s.terminal or s.deleted:
             return
-        self.store.append_many(s, s.formatter.error(message), "failed")
+        self.store.append_many(s, self.live[s.id].formatter.error(message), "failed")
         GENERATIONS_FINISHED.labels("error").inc()
         self.sinks.pop(s.id, None)
 
     # --- clients and the disconnect timer ---------------------------------------------------
 
     def attach(self, s: Session) -> None:
-        s.attached += 1
+        self.live[s.id].attached += 1
 
     def detach(self, s: Session) -> None:
-        s.attached -= 1
-        if s.attached == 0:
-            s.last_detached_at = time.monotonic()
+        live = self.live.get(s.id)
+        if live is None:
+            return  # forgotten meanwhile
+        live.attached -= 1
+        if live.attached == 0:
+            live.last_detached_at = time.monotonic()
             self.arm_disconnect_timer(s)
 
     def arm_disconnect_timer(self, s: Session) -> None:
@@ -160,8 +186,10 @@ class Runtime:
 
     def _disconnect_check(self, s: Session) -> None:
         delay = settings.cancel_after_disconnect_seconds
-        if (s.terminal or s.deleted or s.attached > 0 or s.last_detached_at is None
-                or time.monotonic() - s.last_detached_at < delay - 0.05):
+        live = self.live.get(s.id)
+        if (s.terminal or s.deleted or live is None or live.attached > 0
+                or live.last_detached_at is None
+                or time.monotonic() - live.last_detached_at < delay - 0.05):
             return
         log.info("session %s: no client for %.0f s, cancelling", s.id, delay)
         self.loop.create_task(self.cancel(s))
@@ -177,13 +205,13 @@ class Runtime:
         """
         if s.terminal:
             return False
-        s.cancel_event.set()
+        self.live[s.id].cancel.set()
         sink = self.sinks.get(s.id)
         if s.state == "queued" or sink is None:
             self.finish(s, "cancelled", sink.usage_so_far() if sink else None)
             return True
         try:
-            await asyncio.wait_for(wait_terminal(s), wait_seconds)
+            await asyncio.wait_for(self.store.wait_terminal(s), wait_seconds)
         except asyncio.TimeoutError:
             self.finish(s, "cancelled", sink.usage_so_far())
         return True
@@ -192,24 +220,19 @@ class Runtime:
         """DELETE: cancel `s` if it runs, then drop it and its events."""
         if not s.terminal:
             await self.cancel(s)
+        self.live.pop(s.id, None)
         await self.store.delete(s.id)
 
     def interrupt_all(self) -> None:
         """On shutdown: end every unfinished session as `interrupted`."""
         for s in list(self.store.sessions.values()):
             if not s.terminal:
-                s.cancel_event.set()
+                self.live[s.id].cancel.set()
                 sink = self.sinks.get(s.id)
                 try:
                     self.finish(s, "interrupted", sink.usage_so_far() if sink else None)
                 except Exception:  # noqa: BLE001 - one session must not stop the shutdown
                     log.exception("session %s could not be ended at shutdown", s.id)
-
-
-async def wait_terminal(s: Session) -> None:
-    while not (s.terminal and s.visible >= s.next_index) and not s.deleted:
-        wake = s._wake
-        await wake.wait()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,11 +245,11 @@ def formatters_for(rt: Runtime, sessions: list[Session]) -> None:
     foreign row) is logged and ended `failed`, and the others are served."""
     for s in sessions:
         try:
-            s.formatter = FORMATTERS[s.kind](s)
+            rt.live[s.id] = LiveSession(FORMATTERS[s.kind](s))
         except Exception:  # noqa: BLE001 - one bad stored session must not stop the server
             log.error("session %s has kind %r, which this server cannot serve: marked failed",
                       s.id, s.kind)
-            s.formatter = None
+            rt.live[s.id] = LiveSession(None)
             if not s.terminal:
                 rt.store.set_state(s, "failed")
 
@@ -239,19 +262,22 @@ async def recover(rt: Runtime, unfinished: list[Session]) -> None:
         log.info("session %s was %s when the server stopped: interrupted", s.id, s.state)
         try:
             for ev in await rt.store.read(s):
-                s.formatter.observe(ev.data)
+                rt.live[s.id].formatter.observe(ev.data)
             rt.finish(s, "interrupted", None)
         except Exception:  # noqa: BLE001 - one damaged session must not stop the server
             log.exception("session %s could not be recovered; marked interrupted as is", s.id)
             rt.store.set_state(s, "interrupted", "interrupted")
 
 
-async def sweep_loop(store: SessionStore) -> None:
+async def sweep_loop(rt: Runtime) -> None:
+    """Expire ended sessions past SESSIONS_TTL_SECONDS, and their run-time state with them."""
     period = min(60.0, max(1.0, settings.sessions_ttl_seconds / 4))
     while True:
         await asyncio.sleep(period)
         try:
-            n = await store.sweep()
+            n = await rt.store.sweep()
+            for sid in [sid for sid in rt.live if sid not in rt.store.sessions]:
+                del rt.live[sid]
             if n:
                 log.info("expired %d sessions", n)
         except Exception:  # noqa: BLE001 - the sweeper must outlive one bad pass

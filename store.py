@@ -89,8 +89,9 @@ class Session:
     """A generation's record and its live event log.
 
     `next_index` counts events appended; `visible` counts those durable and readable (always
-    `visible <= next_index`). `ring` holds events `ring_start .. next_index-1`.
-    `cancel_event` is a threading.Event because the engine thread polls it between tokens.
+    `visible <= next_index`). `ring` holds events `ring_start .. next_index-1`. Only what is
+    persisted, plus the ring and visibility: run-time state (formatter, cancel flag, attached
+    clients) lives in the runtime, keyed by session id, so another store can share records.
     """
 
     id: str
@@ -106,12 +107,7 @@ class Session:
     next_index: int = 0
     visible: int = 0
     ring: deque = field(default_factory=deque)
-    attached: int = 0
-    last_detached_at: float | None = None
     deleted: bool = False
-    cancel_event: threading.Event = field(default_factory=threading.Event)
-    # API-specific event builder, set by the server (main.py); the store never calls it.
-    formatter: Any = None
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -538,6 +534,12 @@ class SessionStore:
                     yield ev
             if s.deleted or (s.terminal and i >= s.next_index) or not follow:
                 return
+            await wake.wait()
+
+    async def wait_terminal(self, s: Session) -> None:
+        """Return once `s` is terminal with every event visible, or deleted."""
+        while not (s.terminal and s.visible >= s.next_index) and not s.deleted:
+            wake = s._wake
             await wake.wait()
 
     async def _fetch(self, session_id: str, start: int, stop: int) -> list[Event]:
