@@ -4,6 +4,7 @@ media, tokenizing, sampling parameters. Runs before a session exists; raises API
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -19,7 +20,8 @@ from decoding import prompt_opens_thinking
 from media import MediaError, MediaLimits, Video, decode_image, decode_video, load_bytes
 from model import ModelHandle
 from sampling import SamplingParams
-from schemas import APIError, ChatCompletionRequest, ChatMessage, ResponsesRequest
+from schemas import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest,
+                     OpenAISampling, ResponsesRequest, Sampling)
 from settings import settings
 
 log = logging.getLogger("resumable.prepare")
@@ -455,11 +457,11 @@ def starts_in_reasoning(handle: ModelHandle, inputs: dict[str, torch.Tensor]) ->
 # ---------------------------------------------------------------------------------------------
 
 
-def sampling_params(req: Any, handle: ModelHandle, prompt_tokens: int,
-                    requested: int | None) -> SamplingParams:
-    """Resolve a request's sampling fields (any of the three APIs: fields it lacks count as
-    unset) and the server defaults; 400 when the context cannot hold prompt + `requested`."""
-    field = lambda name: getattr(req, name, None)  # noqa: E731
+def sampling_params(req: Sampling, handle: ModelHandle, prompt_tokens: int) -> SamplingParams:
+    """The request's SamplingParams with its completion budget fitted to the context (server
+    default MAX_TOKENS when it names none); 400 when the context cannot hold the prompt plus
+    what it asked for, or a logit_bias token id is outside the vocabulary."""
+    requested = req.requested_max_tokens()
     room = None if handle.context_length is None else handle.context_length - prompt_tokens
     if room is not None and (room <= 0 or (requested is not None and requested > room)):
         raise APIError(400, f"this model's maximum context length is {handle.context_length} "
@@ -470,22 +472,15 @@ def sampling_params(req: Any, handle: ModelHandle, prompt_tokens: int,
     max_new = requested or settings.max_tokens
     if room is not None:
         max_new = min(max_new, room)
-    vocab = handle.model.get_input_embeddings().weight.shape[0]
     bias: dict[int, float] = {}
-    for key, value in (field("logit_bias") or {}).items():
-        if not 0 <= int(key) < vocab:
-            raise APIError(400, f"logit_bias token id {key} is outside the vocabulary "
-                                f"(0..{vocab - 1})", param="logit_bias")
-        bias[int(key)] = value
-    return SamplingParams(
-        max_new_tokens=max_new,
-        temperature=settings.temperature if req.temperature is None else req.temperature,
-        top_p=req.top_p, top_k=field("top_k"), min_p=field("min_p"),
-        repetition_penalty=field("repetition_penalty"),
-        presence_penalty=field("presence_penalty") or 0.0,
-        frequency_penalty=field("frequency_penalty") or 0.0, logit_bias=bias,
-        min_tokens=min(field("min_tokens") or 0, max_new), ignore_eos=bool(field("ignore_eos")),
-        seed=field("seed"), stop=field("stop"))
+    if isinstance(req, OpenAISampling) and req.logit_bias:
+        vocab = handle.model.get_input_embeddings().weight.shape[0]
+        for key, value in req.logit_bias.items():
+            if not 0 <= int(key) < vocab:
+                raise APIError(400, f"logit_bias token id {key} is outside the vocabulary "
+                                    f"(0..{vocab - 1})", param="logit_bias")
+            bias[int(key)] = value
+    return req.to_sampling_params(max_new, settings.temperature, bias)
 
 
 @dataclass
@@ -497,3 +492,51 @@ class Prepared:
     params: SamplingParams
     stored: dict[str, Any]
     starts_in_reasoning: bool | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# One preparation per API: body -> Prepared (inputs, sampling, what the session stores)
+# ---------------------------------------------------------------------------------------------
+
+
+async def prepare_chat(body: ChatCompletionRequest, handle: ModelHandle,
+                       raw: dict[str, Any]) -> Prepared:
+    """Chat completions: messages through the chat template (media fetched and decoded in a
+    worker thread, like all tokenizing). `raw` is the body as dumped, stored media-redacted."""
+    messages = chat_messages(body.messages, handle)
+    check_prompt_chars(handle, message_chars(messages), "messages")
+    inputs = await asyncio.to_thread(prepare_chat_inputs, handle, messages,
+                                     template_kwargs(handle, body.chat_template_kwargs or {}))
+    params = sampling_params(body, handle, int(inputs["input_ids"].shape[-1]))
+    return Prepared(inputs, params, redact_media(raw), starts_in_reasoning(handle, inputs))
+
+
+async def prepare_completion(body: CompletionRequest, handle: ModelHandle,
+                             raw: dict[str, Any]) -> Prepared:
+    """Legacy completions: the raw prompt (text or token ids), no chat template; with `echo`
+    the prompt text is stored for the formatter (`_echo_text`)."""
+    ids, text = await asyncio.to_thread(prompt_ids, handle, body.prompt)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    params = sampling_params(body, handle, int(ids.shape[-1]))
+    return Prepared(inputs, params, {**raw, "_echo_text": text} if body.echo else raw)
+
+
+async def prepare_response(body: ResponsesRequest, handle: ModelHandle, raw: dict[str, Any],
+                           history: list[dict[str, Any]]) -> Prepared:
+    """Responses: `history` (a previous response's conversation, as message items) plus this
+    input, `instructions` as a system message, `reasoning.effort: none` as enable_thinking=False.
+    Stores the input items (`_input_items`) and the whole conversation (`_conversation`)."""
+    items = response_input_items(body)
+    messages = item_messages(history + items)
+    if body.instructions:
+        messages.insert(0, ChatMessage(role="system", content=body.instructions))
+    kwargs = dict(body.chat_template_kwargs or {})
+    if (body.reasoning or {}).get("effort") == "none":
+        kwargs.setdefault("enable_thinking", False)
+    chat = chat_messages(messages, handle)
+    check_prompt_chars(handle, message_chars(chat), "input")
+    inputs = await asyncio.to_thread(prepare_chat_inputs, handle, chat,
+                                     template_kwargs(handle, kwargs))
+    params = sampling_params(body, handle, int(inputs["input_ids"].shape[-1]))
+    stored = redact_media({**raw, "_input_items": items, "_conversation": history + items})
+    return Prepared(inputs, params, stored, starts_in_reasoning(handle, inputs))

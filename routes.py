@@ -12,20 +12,17 @@ import re
 import secrets
 from typing import Any, AsyncIterator
 
-import torch
-from fastapi import Header, Query, Request
+from fastapi import Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from formatters import ChatFormatter, CompletionFormatter, ResponsesFormatter
 from model import ModelHandle, require_ready
-from prepare import (Prepared, body_digest, chat_messages, check_prompt_chars, check_unicode,
-                     item_messages, message_chars, prepare_chat_inputs, prompt_ids, redact_media,
-                     refuse_unsupported, refuse_unsupported_response, response_input_items,
-                     sampling_params, starts_in_reasoning, template_kwargs, unsupported)
+from prepare import (Prepared, body_digest, check_unicode, prepare_chat, prepare_completion,
+                     prepare_response, refuse_unsupported, refuse_unsupported_response, unsupported)
 from runtime import Runtime
-from schemas import (SESSION_ID_PATTERN, APIError, ChatCompletionRequest, ChatMessage,
-                     CompletionRequest, ResponsesRequest)
+from schemas import (SESSION_ID_PATTERN, APIError, ChatCompletionRequest, CompletionRequest,
+                     ResponsesRequest)
 from security import request_owner
 from settings import settings
 from store import EventsGone, Session, StoreUnavailable
@@ -60,9 +57,9 @@ def new_session_id() -> str:
     return secrets.token_urlsafe(16)  # 128 random bits, [A-Za-z0-9_-]
 
 
-def resume_point(session_id: str, header: str | None, query: str | None) -> int:
-    """The index to replay after, from Last-Event-ID (header or query); -1 for the start."""
-    parsed = parse_last_event_id(header if header else query)
+def resume_point(session_id: str, resume_id: str | None) -> int:
+    """The index to replay after, from Last-Event-ID (see `last_event_id`); -1 for the start."""
+    parsed = parse_last_event_id(resume_id)
     if parsed is None:
         return -1
     if parsed[0] != session_id:
@@ -231,8 +228,8 @@ def require_storage(rt: Runtime) -> None:
                        code="storage_unavailable", headers={"Retry-After": "5"})
 
 
-async def run_session(request: Request, body, kind: str, prepare, header_id: str | None,
-                      query_id: str | None) -> Any:
+async def run_session(request: Request, body, kind: str, prepare,
+                      resume_id: str | None) -> Any:
     """The flow every generation route shares (docs/wire-contract.md, Sessions and Resume).
 
     Resolves the session id (body `session_id`, or the session named by Last-Event-ID),
@@ -242,7 +239,7 @@ async def run_session(request: Request, body, kind: str, prepare, header_id: str
     response object at once for a background response, else the finished object.
     """
     rt, handle = runtime_of(request), request.app.state.model
-    resume = parse_last_event_id(header_id or query_id)
+    resume = parse_last_event_id(resume_id)
     session_id = body.session_id
     if resume is not None:
         if session_id is not None and session_id != resume[0]:
@@ -318,9 +315,15 @@ async def retrieve_model(model: str, request: Request):
     return model_object(handle, request.app.state.started)
 
 
+def last_event_id(header: str | None = Header(None, alias="Last-Event-ID"),
+                  query: str | None = Query(None, alias="last_event_id")) -> str | None:
+    """The resume point a request names: the `Last-Event-ID` header, else `?last_event_id=`
+    (for clients that cannot set headers). One dependency for every route that resumes."""
+    return header or query
+
+
 async def chat_completions(body: ChatCompletionRequest, request: Request,
-                           last_event_id_header: str | None = Header(None, alias="Last-Event-ID"),
-                           last_event_id: str | None = Query(None)):
+                           resume_id: str | None = Depends(last_event_id)):
     """`POST /v1/chat/completions` (OpenAI API reference, Chat Completions) in a session.
 
     Same `session_id` and same body attaches to the existing session; a different body is 409.
@@ -328,23 +331,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     """
     refuse_unsupported(body)
     handle: ModelHandle = request.app.state.model
-
-    async def prepare(raw: dict[str, Any]) -> Prepared:
-        messages = chat_messages(body.messages, handle)
-        check_prompt_chars(handle, message_chars(messages), "messages")
-        inputs = await asyncio.to_thread(prepare_chat_inputs, handle, messages,
-                                         template_kwargs(handle, body.chat_template_kwargs or {}))
-        params = sampling_params(body, handle, int(inputs["input_ids"].shape[-1]),
-                                 body.max_completion_tokens or body.max_tokens)
-        return Prepared(inputs, params, redact_media(raw), starts_in_reasoning(handle, inputs))
-
-    return await run_session(request, body, ChatFormatter.kind, prepare, last_event_id_header,
-                             last_event_id)
+    return await run_session(request, body, ChatFormatter.kind,
+                             lambda raw: prepare_chat(body, handle, raw), resume_id)
 
 
 async def completions(body: CompletionRequest, request: Request,
-                      last_event_id_header: str | None = Header(None, alias="Last-Event-ID"),
-                      last_event_id: str | None = Query(None)):
+                      resume_id: str | None = Depends(last_event_id)):
     """`POST /v1/completions` (OpenAI API reference, legacy Completions) in a session: the raw
     prompt, no chat template. Resume and cancel as for chat."""
     for name, bad in (("n", body.n not in (None, 1)), ("best_of", body.best_of not in (None, 1)),
@@ -359,15 +351,8 @@ async def completions(body: CompletionRequest, request: Request,
         raise APIError(400, "stream_options is only allowed when stream is true",
                        param="stream_options")
     handle: ModelHandle = request.app.state.model
-
-    async def prepare(raw: dict[str, Any]) -> Prepared:
-        ids, text = await asyncio.to_thread(prompt_ids, handle, body.prompt)
-        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        params = sampling_params(body, handle, ids.shape[-1], body.max_tokens)
-        return Prepared(inputs, params, {**raw, "_echo_text": text} if body.echo else raw)
-
-    return await run_session(request, body, CompletionFormatter.kind, prepare,
-                             last_event_id_header, last_event_id)
+    return await run_session(request, body, CompletionFormatter.kind,
+                             lambda raw: prepare_completion(body, handle, raw), resume_id)
 
 
 async def previous_conversation(rt: Runtime, response_id: str,
@@ -393,40 +378,23 @@ async def previous_conversation(rt: Runtime, response_id: str,
 
 
 async def create_response(body: ResponsesRequest, request: Request,
-                          last_event_id_header: str | None = Header(None, alias="Last-Event-ID"),
-                          last_event_id: str | None = Query(None)):
+                          resume_id: str | None = Depends(last_event_id)):
     """`POST /v1/responses` (OpenAI API reference, Responses) in a session: stream, non-stream
     or `background`; `previous_response_id` continues a stored conversation."""
     refuse_unsupported_response(body)
     rt, handle = runtime_of(request), request.app.state.model
 
     async def prepare(raw: dict[str, Any]) -> Prepared:
-        items = response_input_items(body)
         history = (await previous_conversation(rt, body.previous_response_id, request)
                    if body.previous_response_id else [])
-        messages = item_messages(history + items)
-        if body.instructions:
-            messages.insert(0, ChatMessage(role="system", content=body.instructions))
-        kwargs = dict(body.chat_template_kwargs or {})
-        if (body.reasoning or {}).get("effort") == "none":
-            kwargs.setdefault("enable_thinking", False)
-        chat = chat_messages(messages, handle)
-        check_prompt_chars(handle, message_chars(chat), "input")
-        inputs = await asyncio.to_thread(prepare_chat_inputs, handle, chat,
-                                         template_kwargs(handle, kwargs))
-        params = sampling_params(body, handle, int(inputs["input_ids"].shape[-1]),
-                                 body.max_output_tokens)
-        stored = redact_media({**raw, "_input_items": items, "_conversation": history + items})
-        return Prepared(inputs, params, stored, starts_in_reasoning(handle, inputs))
+        return await prepare_response(body, handle, raw, history)
 
-    return await run_session(request, body, ResponsesFormatter.kind, prepare,
-                             last_event_id_header, last_event_id)
+    return await run_session(request, body, ResponsesFormatter.kind, prepare, resume_id)
 
 
 async def retrieve_response(response_id: str, request: Request, stream: bool = False,
                             starting_after: int | None = Query(None, ge=-1),
-                            last_event_id_header: str | None = Header(None, alias="Last-Event-ID"),
-                            last_event_id: str | None = Query(None)):
+                            resume_id: str | None = Depends(last_event_id)):
     """`GET /v1/responses/{id}`: the response with its current status and output so far; with
     `?stream=true`, its events after `starting_after` (a sequence number) or Last-Event-ID,
     then live ones."""
@@ -439,7 +407,7 @@ async def retrieve_response(response_id: str, request: Request, stream: bool = F
                        param="response_id", code="response_not_found")
     if stream:
         after = (starting_after if starting_after is not None
-                 else resume_point(s.id, last_event_id_header, last_event_id))
+                 else resume_point(s.id, resume_id))
         return sse_response(rt, s, after)
     return JSONResponse(await current_object(rt, s), headers={"X-Session-Id": s.id})
 
@@ -491,13 +459,12 @@ async def get_session(session_id: str, request: Request):
 
 
 async def stream_session(session_id: str, request: Request,
-                         last_event_id_header: str | None = Header(None, alias="Last-Event-ID"),
-                         last_event_id: str | None = Query(None)):
+                         resume_id: str | None = Depends(last_event_id)):
     """`GET /v1/sessions/{id}/stream`: replay from event 0, or after Last-Event-ID, then live.
     This is the URL a browser EventSource reconnects to on its own."""
     rt = runtime_of(request)
     s = lookup(rt, session_id, request)
-    return sse_response(rt, s, resume_point(s.id, last_event_id_header, last_event_id))
+    return sse_response(rt, s, resume_point(s.id, resume_id))
 
 
 async def delete_session(session_id: str, request: Request):

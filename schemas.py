@@ -9,11 +9,14 @@ decided in main.py, which answers 400 `unsupported_parameter`/`unsupported_value
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from sampling import SamplingParams
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 
@@ -51,14 +54,36 @@ class VLLMSampling(BaseModel):
     ignore_eos: bool | None = None
 
 
-class OpenAISampling(VLLMSampling):
-    """Sampling fields chat and legacy completions share (OpenAI API reference), with checks."""
+class Sampling(VLLMSampling):
+    """Sampling fields every generation route has (OpenAI API reference), plus vLLM's."""
 
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
     # OpenAI's seed is an int64; torch.manual_seed takes no more.
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+
+    def requested_max_tokens(self) -> int | None:
+        """The completion budget the request names, in tokens (None: the server default)."""
+        raise NotImplementedError
+
+    def to_sampling_params(self, max_new_tokens: int, default_temperature: float,
+                           logit_bias: dict[int, float] | None = None) -> SamplingParams:
+        """The engine's SamplingParams: `max_new_tokens` already fitted to the context,
+        `default_temperature` for a request without one (TEMPERATURE), `logit_bias` checked
+        against the vocabulary (token id -> bias)."""
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=default_temperature if self.temperature is None else self.temperature,
+            top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            min_tokens=min(self.min_tokens or 0, max_new_tokens),
+            ignore_eos=bool(self.ignore_eos), seed=self.seed)
+
+
+class OpenAISampling(Sampling):
+    """Sampling fields chat and legacy completions share (OpenAI API reference), with checks."""
+
+    stop: str | list[str] | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
@@ -84,6 +109,15 @@ class OpenAISampling(VLLMSampling):
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
         return v
+
+    def to_sampling_params(self, max_new_tokens: int, default_temperature: float,
+                           logit_bias: dict[int, float] | None = None) -> SamplingParams:
+        """As Sampling's, with OpenAI's penalties, logit_bias and stop sequences."""
+        return dataclasses.replace(
+            super().to_sampling_params(max_new_tokens, default_temperature),
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=dict(logit_bias or {}), stop=self.stop)
 
 
 class ChatCompletionRequest(OpenAISampling):
@@ -123,6 +157,9 @@ class ChatCompletionRequest(OpenAISampling):
     # vLLM: keyword arguments for the chat template (e.g. {"enable_thinking": false}).
     chat_template_kwargs: dict[str, Any] | None = None
 
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
 
 class CompletionRequest(OpenAISampling):
     """Body of `POST /v1/completions` (OpenAI API reference, legacy Completions), plus
@@ -149,8 +186,11 @@ class CompletionRequest(OpenAISampling):
             raise ValueError("prompt must not be an empty list")
         return v
 
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
 
-class ResponsesRequest(VLLMSampling):
+
+class ResponsesRequest(Sampling):
     """Body of `POST /v1/responses` (OpenAI API reference, Responses), plus `session_id`.
 
     `input` is a string or a list of input items (messages with `input_text`/`input_image`
@@ -163,8 +203,6 @@ class ResponsesRequest(VLLMSampling):
     session_id: str | None = Field(None, pattern=SESSION_ID_PATTERN)
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     store: bool = True
@@ -189,8 +227,10 @@ class ResponsesRequest(VLLMSampling):
     top_logprobs: int | None = None
     max_tool_calls: int | None = None
 
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     chat_template_kwargs: dict[str, Any] | None = None
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_output_tokens
 
 
 class ErrorDetail(BaseModel):
