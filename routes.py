@@ -265,9 +265,10 @@ async def run_session(request: Request, body, kind: str, prepare,
     if existing is not None:
         # Another key's session with this id answers like a different body: the id is taken.
         if existing.body_digest != digest or existing.kind != kind or not owns(request, existing):
-            raise APIError(409, f"session {session_id} already exists with a different request "
-                                f"body; use a new session_id", param="session_id",
-                           code="session_conflict")
+            # One message for both causes: it must not tell whether another key owns the id.
+            raise APIError(409, f"session id {session_id} is already in use (by a request with "
+                                f"another body, or another API key); use a new session_id",
+                           param="session_id", code="session_conflict")
         return await respond(rt, existing, body.stream, after, request)
     if not rt.engine.has_room():
         raise APIError(429, f"too many queued requests (MAX_QUEUED_REQUESTS="

@@ -70,6 +70,10 @@ def test_a_session_is_visible_only_to_its_key(srv):
         r = b.post("/v1/chat/completions", json={**CHAT, "stream": True},
                    headers={"Last-Event-ID": f"{s}:0"})
         error_of(r, 404)
+        # The same body under another key: the id is taken, without saying by whom.
+        err = error_of(b.post("/v1/chat/completions",
+                              json={**CHAT, "stream": True, "session_id": s}), 409)
+        assert err["code"] == "session_conflict" and "in use" in err["message"]
         # Responses: retrieve, cancel, delete, input_items, previous_response_id.
         r = a.post("/v1/responses", json={"input": "Hi", "max_output_tokens": 4,
                                           "temperature": 0})
