@@ -56,7 +56,9 @@ def route_path(scope: dict[str, Any]) -> str:
     """The path the router matches: uvicorn's `--root-path` is part of `scope["path"]` and is
     stripped before routing (as Starlette does), so checks must strip it too."""
     path, root = scope.get("path", ""), scope.get("root_path", "")
-    return path[len(root):] or "/" if root and path.startswith(root) else path
+    if root and path.startswith(root):
+        return path[len(root):] or "/"
+    return path
 
 
 
