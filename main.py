@@ -38,7 +38,8 @@ from runtime import Runtime, formatters_for, recover, sweep_loop
 from schemas import APIError, ErrorResponse, error_body, error_response
 from security import APIKeyMiddleware, BodyLimitMiddleware, HostCheckMiddleware, split_list
 from settings import settings
-from store import EventsGone, SessionStore, StoreLocked, StoreOpenError
+from store import EventsGone, StoreLocked, StoreOpenError
+from store_sqlite import session_store
 from telemetry import QUEUE_DEPTH, configure_logging
 
 configure_logging(settings.log_level)
@@ -63,9 +64,9 @@ def exit_after_model_failure(app: FastAPI, handle: ModelHandle) -> None:
 async def lifespan(app: FastAPI):
     handle = ModelHandle(name=served_model_name())
     app.state.model, app.state.started, app.state.exit_code = handle, time.time(), 0
-    store = SessionStore(settings.sessions_db_path if settings.persist_sessions else None,
-                         settings.ring_buffer_size, settings.sessions_ttl_seconds,
-                         lock_timeout_seconds=settings.sessions_db_lock_timeout_seconds)
+    store = session_store(settings.sessions_db_path if settings.persist_sessions else None,
+                          settings.ring_buffer_size, settings.sessions_ttl_seconds,
+                          lock_timeout_seconds=settings.sessions_db_lock_timeout_seconds)
     try:
         unfinished = await store.open()
     except (StoreLocked, StoreOpenError) as e:

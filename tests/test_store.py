@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from store import (EventsGone, SessionStore, StoreLocked, StoreOpenError,
-                   StoreUnavailable)
+from store import EventsGone, SessionStore, StoreLocked, StoreOpenError, StoreUnavailable
+from store_sqlite import session_store
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,10 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # store for argv[2] seconds, closes it.
 HOLDER = """
 import asyncio, sys
-from store import SessionStore
+from store_sqlite import session_store
 
 async def main():
-    store = SessionStore(sys.argv[1], 16, 3600)
+    store = session_store(sys.argv[1], 16, 3600)
     await store.open()
     SETUP
     await store.flush()
@@ -67,7 +67,7 @@ def sqlite_threads() -> list[str]:
 
 
 async def opened(path, ring=1024, ttl=3600.0) -> SessionStore:
-    store = SessionStore(str(path) if path else None, ring, ttl)
+    store = session_store(str(path) if path else None, ring, ttl)
     await store.open()
     return store
 
@@ -135,12 +135,12 @@ def test_group_commit_batches_many_events_per_transaction(tmp_path):
         store = await opened(tmp_path / "s.db")
         s = store.create("a", "k", "m", "d", {})
         await store.flush()
-        before = store.commits
+        before = store.event_log.commits
         for i in range(1000):
             store.append(s, str(i))
         await store.flush()
         # 1000 events in a handful of transactions, not 1000.
-        assert store.commits - before <= 1000 // 256 + 2
+        assert store.event_log.commits - before <= 1000 // 256 + 2
         assert s.visible == 1000
         await store.close()
 
@@ -162,7 +162,7 @@ def test_unfinished_sessions_are_reported_on_open(tmp_path):
     proc.wait()
 
     async def reopen():
-        store = SessionStore(str(db), 16, 3600)
+        store = session_store(str(db), 16, 3600)
         unfinished = sorted(s.id for s in await store.open())
         assert unfinished == ["running", "waiting"]
         assert store.get("running").next_index == 1
@@ -267,7 +267,7 @@ def test_failed_commit_never_makes_events_visible(tmp_path):
         store = await opened(tmp_path / "s.db")
         s = store.create("a", "k", "m", "d", {})
         await store.flush()
-        real_commit, failures = store._db.commit, []
+        real_commit, failures = store.event_log._db.commit, []
 
         async def flaky_commit():
             if len(failures) < 6:  # the disk "fails" six times, then recovers
@@ -275,7 +275,7 @@ def test_failed_commit_never_makes_events_visible(tmp_path):
                 raise OSError("disk full")
             await real_commit()
 
-        store._db.commit = flaky_commit
+        store.event_log._db.commit = flaky_commit
         store.append(s, "e0")
         store.append(s, "e1")
         while len(failures) < 6:
@@ -313,13 +313,13 @@ def test_a_group_and_its_state_commit_together(tmp_path):
         store = await opened(tmp_path / "s.db")
         s = store.create("a", "k", "m", "d", {})
         await store.flush()
-        batches, real = [], store._commit
+        batches, real = [], store.event_log._commit
 
         async def recording(batch):
             batches.append([op for op in batch])
             await real(batch)
 
-        store._commit = recording
+        store.event_log._commit = recording
         for i in range(511):  # fill the writer's queue right up to its group limit
             store.append(s, str(i))
         store.append_many(s, [("end-1", None), ("end-2", None), ("[DONE]", None)],
@@ -382,7 +382,7 @@ def test_open_waits_up_to_lock_timeout_for_a_stopping_server(tmp_path):
     try:
         async def go():
             start = time.monotonic()
-            store = SessionStore(str(db), 16, 3600, lock_timeout_seconds=30)
+            store = session_store(str(db), 16, 3600, lock_timeout_seconds=30)
             await store.open()
             assert 0.3 < time.monotonic() - start < 30
             await store.close()
@@ -405,7 +405,7 @@ def test_a_database_that_cannot_be_opened_fails_cleanly(tmp_path, damage):
     else:  # valid SQLite, wrong tables: fails after the connection is open
         sqlite3.connect(db).execute("CREATE TABLE sessions (user TEXT, token TEXT)").close()
 
-    store = SessionStore(str(db), 16, 3600)  # kept alive: its __del__ would hide a leak
+    store = session_store(str(db), 16, 3600)  # kept alive: its __del__ would hide a leak
 
     async def go():
         with pytest.raises(StoreOpenError) as e:
@@ -455,7 +455,7 @@ def test_unreadable_session_rows_are_loaded_as_failed(tmp_path, caplog):
     bad = ["badjson", "notdict", "badusage", "nulls", "badstate"]
 
     async def first():
-        store = SessionStore(str(db), 16, 3600)
+        store = session_store(str(db), 16, 3600)
         before = time.time()
         assert await store.open() == []
         good = store.get("good")
@@ -528,8 +528,8 @@ def test_a_full_disk_is_reported_and_recovers(tmp_path, caplog):
         await store.check_writable(5)
         assert store.write_error is None
         # Cap the file at its current size: the next insert fails as on a full disk.
-        pages = (await store._db.execute_fetchall("PRAGMA page_count"))[0][0]
-        await store._db.execute(f"PRAGMA max_page_count={pages}")
+        pages = (await store.event_log._db.execute_fetchall("PRAGMA page_count"))[0][0]
+        await store.event_log._db.execute(f"PRAGMA max_page_count={pages}")
         store.append(s, "x" * 50_000)
         with pytest.raises(StoreUnavailable) as e:
             await store.check_writable(30)  # raises at the first failed attempt
@@ -541,7 +541,7 @@ def test_a_full_disk_is_reported_and_recovers(tmp_path, caplog):
         errors = [r for r in caplog.records if r.levelno == logging.ERROR]
         assert len(errors) == 1 and "full" in errors[0].getMessage()
 
-        await store._db.execute("PRAGMA max_page_count=1073741823")  # space again
+        await store.event_log._db.execute("PRAGMA max_page_count=1073741823")  # space again
         await asyncio.wait_for(store.flush(), 10)
         assert store.write_error is None and s.visible == 1
         await store.check_writable(5)
