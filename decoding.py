@@ -52,6 +52,45 @@ class IncrementalDecoder:
         return text[len(prefix):]
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, character -> byte (SmolLM2, Qwen, Llama 3 use it)."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
+                 + list(range(ord("\xae"), ord("\xff") + 1)))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+
+
+def token_piece(tokenizer, token_id: int) -> tuple[str, list[int]]:
+    """One token for logprobs: (its text, its own bytes).
+
+    The text is `decode([id])` (a token holding part of a UTF-8 character shows U+FFFD); the
+    bytes are the token's exact bytes where the vocabulary says them (byte-level BPE, or
+    SentencePiece byte-fallback `<0xNN>`), so a client can join a character split across
+    tokens (OpenAI API reference, `logprobs.content[].bytes`); else the text's UTF-8.
+    """
+    text = tokenizer.decode([token_id])
+    raw = tokenizer.convert_ids_to_tokens(token_id)
+    if isinstance(raw, str) and raw:
+        if len(raw) == 6 and raw.startswith("<0x") and raw.endswith(">"):
+            try:
+                return text, [int(raw[3:5], 16)]
+            except ValueError:
+                pass
+        if token_id not in getattr(tokenizer, "all_special_ids", ()) and all(
+                c in _BYTE_LEVEL for c in raw):
+            return text, [_BYTE_LEVEL[c] for c in raw]
+    return text, list(text.encode("utf-8"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Stop sequences
 # ---------------------------------------------------------------------------------------------
@@ -168,3 +207,44 @@ class ReasoningParser:
         if not held:
             return []
         return [("reasoning" if self.state == "reasoning" else "content", held)]
+
+
+# ---------------------------------------------------------------------------------------------
+# One sequence's text: decoder -> stop matcher -> reasoning parser
+# ---------------------------------------------------------------------------------------------
+
+
+class TextPipeline:
+    """Token ids of one generated sequence to typed text pieces.
+
+    `push(token_id)` -> [(channel, text)], channel "content" or "reasoning"; `flush()` at the
+    end. `stopped` turns True once a stop string matched (the engine then ends the sequence);
+    `reasoning_tokens` counts tokens that opened, continued or closed the think block.
+    `starts_in_reasoning=None` means no reasoning split (everything is content).
+    """
+
+    def __init__(self, tokenizer, stop: list[str] | None, starts_in_reasoning: bool | None):
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.matcher = StopMatcher(stop)
+        self.parser = None if starts_in_reasoning is None else ReasoningParser(starts_in_reasoning)
+        self.reasoning_tokens = 0
+
+    @property
+    def stopped(self) -> bool:
+        return self.matcher.stopped
+
+    def push(self, token_id: int) -> list[tuple[str, str]]:
+        before = self.parser.state if self.parser is not None else None
+        parts = self._split(self.matcher.feed(self.decoder.push(token_id)))
+        if self.parser is not None and "reasoning" in (before, self.parser.state):
+            self.reasoning_tokens += 1
+        return parts
+
+    def flush(self) -> list[tuple[str, str]]:
+        return self._split(self.matcher.feed(self.decoder.flush()) + self.matcher.flush(),
+                           final=True)
+
+    def _split(self, text: str, final: bool = False) -> list[tuple[str, str]]:
+        if self.parser is None:
+            return [("content", text)] if text else []
+        return self.parser.feed(text) + (self.parser.flush() if final else [])

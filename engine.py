@@ -1,26 +1,36 @@
-"""The engine: one thread owns the model and runs generation jobs from a bounded queue.
+"""The engine: one thread owns the model and decodes every running sequence together.
 
-The seam above it is `has_room()`, `submit(job)` and each job's `cancel` flag; output leaves
-only through the job's sink. It knows no session, formatter, store or HTTP: a batching engine
-can replace the one-job loop behind the same calls.
+Continuous batching over the model's own forward pass and a padded `DynamicCache`: each step
+(1) admits waiting jobs while the cache budget allows (prefill, batch 1, cancellable per
+layer), (2) runs one decode forward for all running rows, (3) samples each row with its own
+`RowSampler`, (4) retires finished, stopped and cancelled rows at once (their cache rows are
+dropped). A job joins at the next step, not when the batch ends. The same loop serves text and
+vision-language models (Qwen-VL's M-RoPE positions are carried per row), because it only needs
+`model(input_ids, attention_mask, position_ids, cache)`.
+
+The seam above it is `has_room()`, `submit(job)`, each job's `cancel` flag, and `stats()`;
+output leaves only through the job's sink. It knows no session, formatter, store or HTTP.
 """
 
 from __future__ import annotations
 
+import collections
+import inspect
 import logging
-import queue
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
-from decoding import IncrementalDecoder, ReasoningParser, StopMatcher
+from decoding import TextPipeline, token_piece
 from model import ModelHandle
-from sampling import OpenAIPenalties, SamplingParams
-from telemetry import COMPLETION_TOKENS, GENERATIONS_STARTED
+from sampling import RowSampler, SamplingParams, row_seed
+from telemetry import (COMPLETION_TOKENS, GENERATIONS_STARTED, INTER_TOKEN_LATENCY,
+                       TIME_TO_FIRST_TOKEN)
 
 log = logging.getLogger("resumable.engine")
 
@@ -32,11 +42,15 @@ log = logging.getLogger("resumable.engine")
 
 class JobSink(Protocol):
     """Where a job's output goes. Called on the engine thread; implementations hand the work
-    to their own loop (runtime.SessionSink). Token counts are counts of generated tokens."""
+    to their own loop (runtime.SessionSink). Token counts are counts of generated tokens;
+    `index` is the choice index (prompt index * n + choice of that prompt)."""
 
     def started(self, prompt_tokens: int) -> None: ...
 
-    def delta(self, text: str, completion_tokens: int, channel: str = "content") -> None: ...
+    def delta(self, text: str, completion_tokens: int, channel: str = "content",
+              index: int = 0, logprobs: list[dict[str, Any]] | None = None) -> None: ...
+
+    def choice_finished(self, index: int, reason: str) -> None: ...
 
     def finished(self, reason: str, prompt_tokens: int, completion_tokens: int,
                  reasoning_tokens: int = 0) -> None: ...
@@ -47,8 +61,9 @@ class JobSink(Protocol):
 @dataclass
 class GenerationJob:
     """A unit of work for the engine: an id (for logs), the cancel flag the engine polls
-    between tokens and layers, prepared model inputs (`input_ids` (1, prompt_tokens), plus
-    vision tensors), sampling, and where output goes."""
+    between steps and layers, prepared model inputs (`input_ids` (1, prompt_tokens), plus
+    vision tensors; `more_inputs` for the other prompts of a legacy completions request),
+    sampling (`params.n` choices per prompt), and where output goes."""
 
     id: str
     cancel: threading.Event
@@ -57,72 +72,147 @@ class GenerationJob:
     sink: JobSink
     # None: no reasoning split; else whether the prompt already opened the think block.
     starts_in_reasoning: bool | None = None
+    more_inputs: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    submitted_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def prompts(self) -> list[dict[str, torch.Tensor]]:
+        return [self.inputs, *self.more_inputs]
 
     @property
     def prompt_tokens(self) -> int:
-        return int(self.inputs["input_ids"].shape[-1])
+        return sum(int(p["input_ids"].shape[-1]) for p in self.prompts)
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompts) * self.params.n
+
+    @property
+    def longest_prompt(self) -> int:
+        return max(int(p["input_ids"].shape[-1]) for p in self.prompts)
 
 
 class GenerationCancelled(Exception):
     """Raised inside the model's forward pass by the engine's cancel hook."""
 
 
+@dataclass(eq=False)
+class Row:
+    """One running sequence: a choice of a job, its cache row's bookkeeping and its text."""
+
+    job: "JobState"
+    index: int  # choice index in the response
+    prompt_len: int
+    sampler: RowSampler
+    text: TextPipeline
+    rope_delta: int = 0  # M-RoPE offset of this row's text positions (Qwen-VL); else 0
+    length: int = 0  # real (unpadded) tokens in this row's cache
+    last_token: int = 0
+    completion_tokens: int = 0
+    pending: list[dict[str, Any]] = field(default_factory=list)  # logprobs not yet sent
+    last_at: float = 0.0
+
+
+@dataclass(eq=False)
+class JobState:
+    """The engine's view of a running job: rows still running, counts for usage."""
+
+    job: GenerationJob
+    running: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    reasons: dict[int, str] = field(default_factory=dict)
+    first_token_seen: bool = False
+
+
 # ---------------------------------------------------------------------------------------------
-# Hooks into generate
+# The padded batch cache
 # ---------------------------------------------------------------------------------------------
 
 
-class CancelCriteria(StoppingCriteria):
-    """The cancel hook: stops `generate` at the next token once the job's cancel flag is
-    set or a stop sequence matched. Shapes: input_ids (batch, seq) -> BoolTensor (batch,)."""
+class BatchCache:
+    """The running rows' KV cache: one `DynamicCache`, rows left-padded to a common length.
 
-    def __init__(self, cancel: threading.Event, matcher: StopMatcher):
-        self.cancel, self.matcher = cancel, matcher
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        done = self.cancel.is_set() or self.matcher.stopped
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
-
-class SessionStreamer(BaseStreamer):
-    """Receives tokens from `generate` on the engine thread and forwards text to the sink.
-
-    `generate` first puts the whole prompt, then each new token (shape (1,) or (1, 1)).
+    `mask` (rows, columns) marks real cache entries with 1. A prefilled job's cache (its rows,
+    its own length) is merged by padding whichever side is shorter on the left; retired rows are
+    dropped by index and leading columns that are padding in every row are trimmed.
     """
 
-    def __init__(self, job: GenerationJob, tokenizer, matcher: StopMatcher):
-        self.job, self.matcher = job, matcher
-        self.decoder = IncrementalDecoder(tokenizer)
-        self.parser = (None if job.starts_in_reasoning is None
-                       else ReasoningParser(job.starts_in_reasoning))
-        self.prompt_seen = False
-        self.completion_tokens = 0
-        self.reasoning_tokens = 0
-        self.last_token: int | None = None
+    def __init__(self):
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None
 
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
+    @property
+    def columns(self) -> int:
+        return 0 if self.mask is None else int(self.mask.shape[1])
+
+    @staticmethod
+    def _layers(cache: DynamicCache) -> list[DynamicLayer]:
+        return list(cache.layers)
+
+    @staticmethod
+    def batchable(cache: DynamicCache) -> bool:
+        """Only plain full-attention layers can be padded and merged (sliding windows cannot)."""
+        return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+    def merge(self, cache: DynamicCache, rows: int, length: int) -> None:
+        """Append `rows` rows whose cache (batch `rows`, `length` columns) is `cache`."""
+        new_mask = torch.ones(rows, length, dtype=torch.long, device=self._device(cache))
+        if self.cache is None:
+            self.cache, self.mask = cache, new_mask
             return
-        for token_id in value.reshape(-1).tolist():
-            self.completion_tokens += 1
-            self.last_token = token_id
-            before = self.parser.state if self.parser is not None else None
-            self._emit(self.matcher.feed(self.decoder.push(token_id)))
-            # Reasoning if it opened, continued or closed the think block.
-            if self.parser is not None and "reasoning" in (before, self.parser.state):
-                self.reasoning_tokens += 1
+        width = max(self.columns, length)
+        # All new tensors first, then swap in: a failure (out of memory) leaves the batch as it was.
+        merged = [(torch.cat([_pad_left(old.keys, width, 2), _pad_left(new.keys, width, 2)]),
+                   torch.cat([_pad_left(old.values, width, 2), _pad_left(new.values, width, 2)]))
+                  for old, new in zip(self._layers(self.cache), self._layers(cache))]
+        mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(new_mask, width, 1)])
+        for layer, (keys, values) in zip(self._layers(self.cache), merged):
+            layer.keys, layer.values = keys, values
+        self.mask = mask
 
-    def end(self) -> None:
-        self._emit(self.matcher.feed(self.decoder.flush()) + self.matcher.flush(), final=True)
+    def keep(self, indices: list[int]) -> None:
+        """Keep only the rows at `indices` (in that order); free the rest."""
+        if not indices:
+            self.cache, self.mask = None, None
+            return
+        idx = torch.tensor(indices, device=self.mask.device)
+        self.mask = self.mask[idx]
+        live = torch.nonzero(self.mask.sum(0)).flatten()
+        start = int(live[0]) if len(live) else 0
+        self.mask = self.mask[:, start:]
+        for layer in self._layers(self.cache):
+            layer.keys = layer.keys[idx.to(layer.keys.device), :, start:]
+            layer.values = layer.values[idx.to(layer.values.device), :, start:]
 
-    def _emit(self, text: str, final: bool = False) -> None:
-        if self.parser is None:
-            parts = [("content", text)] if text else []
-        else:
-            parts = self.parser.feed(text) + (self.parser.flush() if final else [])
-        for channel, piece in parts:
-            self.job.sink.delta(piece, self.completion_tokens, channel)
+    def truncate(self, columns: int) -> None:
+        """Undo a partial step: cut every layer back to `columns` (a failed forward may have
+        appended to some layers)."""
+        for layer in self._layers(self.cache):
+            if layer.is_initialized and layer.keys.shape[2] > columns:
+                layer.keys = layer.keys[:, :, :columns]
+                layer.values = layer.values[:, :, :columns]
+
+    def tokens(self) -> int:
+        """Cache entries in use, padding included (what memory holds)."""
+        mask = self.mask  # read once: the engine thread may drop it meanwhile
+        return 0 if mask is None else int(mask.numel())
+
+    @staticmethod
+    def _device(cache: DynamicCache) -> torch.device:
+        for layer in cache.layers:
+            if layer.is_initialized:
+                return layer.keys.device
+        return torch.device("cpu")
+
+
+def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,39 +221,92 @@ class SessionStreamer(BaseStreamer):
 
 
 class Engine:
-    """Owns the model on one thread and runs generation jobs from a bounded queue.
+    """Owns the model on one thread and decodes all running sequences in one batch per step.
 
-    The seam the HTTP layer sees is `has_room()` and `submit(job)`; output goes only through
-    each job's sink. A batching engine that runs several jobs per forward pass can replace
-    this one-at-a-time loop behind the same two calls.
+    Admission: a job waits (FIFO) until the batch has room for all its rows (`max_num_seqs`)
+    and the padded cache can hold every row to its end (`max_batch_tokens`: rows x the widest
+    row's final length, since rows are padded to a common width); `has_room()` is False once
+    `max_queued` jobs wait (the HTTP layer answers 429).
     """
 
-    def __init__(self, handle: ModelHandle, max_queued: int):
+    def __init__(self, handle: ModelHandle, max_queued: int, max_num_seqs: int = 16,
+                 max_batch_tokens: int = 262144):
         self.handle = handle
-        self.max_queued = max_queued
-        self.jobs: queue.Queue[GenerationJob | None] = queue.Queue()
+        self.max_queued, self.max_num_seqs = max_queued, max_num_seqs
+        self.max_batch_tokens = max_batch_tokens
+        self.waiting: collections.deque[GenerationJob] = collections.deque()
+        self.wake = threading.Condition()
+        self.stopping = False
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        self.current: GenerationJob | None = None
+        self.rows: list[Row] = []
+        self.batch = BatchCache()
+        self.prefilling: GenerationJob | None = None
+        self.token_text: dict[int, tuple[str, list[int]]] = {}
+        # Set by start(), once the model is loaded.
+        self.mrope, self.cache_arg, self.keep_arg = False, "cache", None
+
+    # --- the seam ----------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start the engine thread; the model must be loaded."""
+        model = self.handle.model
+        # Qwen-VL keeps M-RoPE offsets of the last prefill on the model; rows carry their own.
+        self.mrope = hasattr(getattr(model, "model", None), "rope_deltas")
+        params = inspect.signature(model.forward).parameters
+        # transformers 5 renamed past_key_values to cache (the old name warns until 5.40).
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.keep_arg = "logits_to_keep" if "logits_to_keep" in params else None
         self._install_cancel_hooks()
         self.thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Let the engine finish at a step boundary and wait for its thread (callers cancel the
-        running job first). A thread left inside torch at interpreter exit aborts the process
+        running jobs first). A thread left inside torch at interpreter exit aborts the process
         ("terminate called without an active exception")."""
-        self.jobs.put(None)
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
         if self.thread.is_alive():
             self.thread.join(timeout)
 
-    def _install_cancel_hooks(self) -> None:
-        """Check the running job's cancel flag before every decoder layer (and vision block).
+    def has_room(self) -> bool:
+        return len(self.waiting) < self.max_queued
 
-        The StoppingCriteria sees the flag only after a whole forward pass; a long prompt's
-        prefill is one pass of many seconds on a CPU, during which a cancel used to leave the
-        engine busy (the next request waited 27-38 s behind a 2,700-token prefill). A layer
-        hook ends it within one layer. Costs one attribute check per layer per step.
+    def submit(self, job: GenerationJob) -> None:
+        with self.wake:
+            self.waiting.append(job)
+            self.wake.notify()
+
+    def stats(self) -> dict[str, float]:
+        """running/waiting sequences; `kv_cache_usage`: the padded cache the running rows will
+        need at most (`projected_tokens`) over MAX_BATCH_TOKENS (0..1, may pass 1 for a job
+        admitted alone); `kv_cache_tokens`: cache entries held now."""
+        return {"running": len(self.rows), "waiting": sum(j.rows for j in list(self.waiting)),
+                "kv_cache_usage": self.projected_tokens() / self.max_batch_tokens,
+                "kv_cache_tokens": self.batch.tokens()}
+
+    def projected_tokens(self, job: GenerationJob | None = None) -> int:
+        """Cache entries the batch will need at its widest if `job` joins now: rows x (current
+        width + the longest remaining budget). Every row ends at that column or earlier."""
+        rows = list(self.rows)
+        width, remaining = self.batch.columns, max(
+            (r.job.job.params.max_new_tokens - r.completion_tokens for r in rows), default=0)
+        count = len(rows)
+        if job is not None:
+            width = max(width, job.longest_prompt)
+            remaining = max(remaining, job.params.max_new_tokens)
+            count += job.rows
+        return count * (width + remaining)
+
+    # --- cancel inside a forward pass --------------------------------------------------------
+
+    def _install_cancel_hooks(self) -> None:
+        """Check the prefilling job's cancel flag before every decoder layer (and vision block).
+
+        A long prompt's prefill is one pass of many seconds on a CPU, during which a cancel
+        used to leave the engine busy (the next request waited 27-38 s behind a 2,700-token
+        prefill). A layer hook ends it within one layer. Decode steps are short and shared by
+        every row: a cancel there takes effect at the step's end, for that row only.
         """
         model = self.handle.model
         layers = [m for m in model.modules()
@@ -172,81 +315,296 @@ class Engine:
             layer.register_forward_pre_hook(self._cancel_hook)
 
     def _cancel_hook(self, module, args) -> None:
-        job = self.current
+        job = self.prefilling
         if job is not None and job.cancel.is_set():
             raise GenerationCancelled()
 
-    def has_room(self) -> bool:
-        return self.jobs.qsize() < self.max_queued
-
-    def submit(self, job: GenerationJob) -> None:
-        self.jobs.put(job)
+    # --- the loop ----------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            if job.cancel.is_set():
-                continue  # cancelled while queued: the loop side already ended it
-            self.current = job
-            try:
-                self._generate(job)
-            except Exception:  # noqa: BLE001 - one failed job must not stop the engine
-                log.exception("generation failed in job %s", job.id)
-                # The exception text stays in the log: it can name files and internals.
-                job.sink.failed(f"generation failed in session {job.id}; the server "
-                                f"log has the details")
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            finally:
-                self.current = None
+        # One inference-mode scope for the thread: cache surgery and sampling outside the
+        # forward pass then skip autograd bookkeeping too.
+        with torch.inference_mode():
+            while True:
+                job = self._next_job()
+                if job is None and self.stopping:
+                    break
+                try:
+                    if job is not None:
+                        self._admit(job)
+                    if self.rows:
+                        self._step()
+                except Exception:  # noqa: BLE001 - the engine thread must outlive any bug
+                    self._reset(job)
 
-    def _generate(self, job: GenerationJob) -> None:
-        model, p = self.handle.model, job.params
+    def _reset(self, admitting: GenerationJob | None) -> None:
+        """Last resort after an unexpected error outside the guarded model calls: fail every
+        running job (and the one being admitted) and start from an empty batch, so later
+        requests are still served."""
+        jobs = list(dict.fromkeys(r.job for r in self.rows))
+        log.exception("engine step failed outside the model; failing %d running jobs",
+                      len(jobs))
+        self.rows, self.batch, self.prefilling = [], BatchCache(), None
+        if admitting is not None and all(s.job is not admitting for s in jobs):
+            jobs.append(JobState(admitting))
+        for state in jobs:
+            state.running = 0
+            self._fail_job(state, log_it=False)
+
+    def _next_job(self) -> GenerationJob | None:
+        """The next waiting job that fits now (blocking while nothing runs), or None."""
+        with self.wake:
+            while True:
+                if any(j.cancel.is_set() for j in self.waiting):
+                    # cancelled while queued: the loop side already ended them
+                    self.waiting = collections.deque(j for j in self.waiting
+                                                     if not j.cancel.is_set())
+                if self.stopping:
+                    return None
+                if self.waiting and self._room_for(self.waiting[0]):
+                    return self.waiting.popleft()
+                if self.rows:
+                    return None
+                self.wake.wait()
+
+    def _room_for(self, job: GenerationJob) -> bool:
+        if not self.rows:
+            return True  # a job too large for the limits runs alone rather than never
+        return (len(self.rows) + job.rows <= self.max_num_seqs
+                and self.projected_tokens(job) <= self.max_batch_tokens)
+
+    # --- admission: prefill a job and merge its rows -----------------------------------------
+
+    def _admit(self, job: GenerationJob) -> None:
         GENERATIONS_STARTED.inc()
+        state = JobState(job)
         job.sink.started(job.prompt_tokens)
-        matcher = StopMatcher(p.stop)
-        streamer = SessionStreamer(job, self.handle.tokenizer, matcher)
-        processors = LogitsProcessorList()
-        if p.presence_penalty or p.frequency_penalty or p.logit_bias:
-            processors.append(OpenAIPenalties(job.prompt_tokens, p.presence_penalty,
-                                              p.frequency_penalty, p.logit_bias))
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": p.max_new_tokens, "streamer": streamer,
-            "logits_processor": processors,
-            "stopping_criteria": StoppingCriteriaList([CancelCriteria(job.cancel,
-                                                                      matcher)]),
-            "pad_token_id": self.handle.pad_token_id,
-        }
-        if p.temperature == 0:
-            # Greedy; the model's own sampling defaults must not leak in.
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None, min_p=None)
-        else:
-            kwargs.update(do_sample=True, temperature=p.temperature)
-            kwargs["top_p"] = p.top_p if p.top_p is not None else 1.0
-            kwargs["top_k"] = p.top_k if p.top_k and p.top_k > 0 else None
-            if p.min_p:
-                kwargs["min_p"] = p.min_p
-        if p.repetition_penalty is not None:
-            kwargs["repetition_penalty"] = p.repetition_penalty
-        if p.ignore_eos:
-            kwargs["min_new_tokens"] = p.max_new_tokens
-        elif p.min_tokens:
-            kwargs["min_new_tokens"] = p.min_tokens
-        if p.seed is not None:
-            torch.manual_seed(p.seed)
-        inputs = {k: v.to(model.device) for k, v in job.inputs.items()}
+        self.prefilling = job
         try:
-            with torch.inference_mode():
-                model.generate(**inputs, **kwargs)
+            joined: list[tuple[DynamicCache, list[Row], int]] = []
+            for p_index, inputs in enumerate(job.prompts):
+                cache, logits, delta, length = self._prefill(inputs)
+                rows = [self._new_row(state, p_index * job.params.n + c, inputs, delta, length)
+                        for c in range(job.params.n)]
+                if job.params.n > 1:
+                    cache.batch_repeat_interleave(job.params.n)
+                joined.append((cache, rows, length))
+                for row in rows:
+                    self._accept(row, row.sampler(logits))
         except GenerationCancelled:
-            pass  # the cancel hook ended a forward pass: the flag below says cancelled
-        COMPLETION_TOKENS.inc(streamer.completion_tokens)
-        if job.cancel.is_set():
-            reason = "cancelled"
-        elif matcher.stopped or streamer.last_token in self.handle.eos_token_ids:
-            reason = "stop"
-        elif streamer.completion_tokens >= p.max_new_tokens:
-            reason = "length"
-        else:
-            reason = "stop"
-        job.sink.finished(reason, job.prompt_tokens, streamer.completion_tokens,
-                          streamer.reasoning_tokens)
+            self.prefilling = None
+            self._end_job(state, "cancelled")
+            return
+        except Exception:  # noqa: BLE001 - one failed job must not stop the engine
+            self.prefilling = None
+            self._fail_job(state)
+            return
+        self.prefilling = None
+        try:
+            for cache, rows, length in joined:
+                keep = [i for i, row in enumerate(rows) if not self._finished(row)]
+                if not keep:
+                    continue
+                if len(keep) < len(rows):
+                    cache.batch_select_indices(torch.tensor(keep))
+                self.batch.merge(cache, len(keep), length)
+                self.rows.extend(rows[i] for i in keep)
+        except Exception:  # noqa: BLE001 - out of memory while merging: this job fails
+            self._drop_rows(state)
+            self._fail_job(state)
+            return
+        if state.running == 0:
+            self._end_job(state, None)
+
+    def _prefill(self, inputs: dict[str, torch.Tensor]
+                 ) -> tuple[DynamicCache, torch.Tensor, int, int]:
+        """One prompt's forward pass, batch 1. Returns (its cache, last logits (vocab,),
+        its M-RoPE delta, its length)."""
+        model = self.handle.model
+        if self.mrope:
+            model.model.rope_deltas = None  # the last prefill's, not this one's
+        kwargs = {k: v.to(model.device) for k, v in inputs.items()}
+        kwargs[self.cache_arg] = DynamicCache()
+        if self.keep_arg:
+            kwargs[self.keep_arg] = 1
+        out = model(**kwargs, use_cache=True)
+        cache = kwargs[self.cache_arg]  # filled in place
+        if not BatchCache.batchable(cache):
+            raise RuntimeError("this model's cache (sliding-window layers) cannot be batched")
+        delta = 0
+        if self.mrope and model.model.rope_deltas is not None:
+            delta = int(model.model.rope_deltas.reshape(-1)[0])
+        return cache, out.logits[0, -1].float(), delta, int(inputs["input_ids"].shape[-1])
+
+    def _new_row(self, state: JobState, index: int, inputs: dict[str, torch.Tensor],
+                 delta: int, length: int) -> Row:
+        job, p = state.job, state.job.params
+        prompt = inputs["input_ids"][0].tolist()
+        state.running += 1
+        return Row(job=state, index=index, prompt_len=length, length=length, rope_delta=delta,
+                   sampler=RowSampler(p, prompt, self.handle.eos_token_ids,
+                                      row_seed(p.seed, index % p.n if p.n else 0),
+                                      self._token_text),
+                   text=TextPipeline(self.handle.tokenizer, p.stop, job.starts_in_reasoning))
+
+    def _token_text(self, token: int) -> tuple[str, list[int]]:
+        piece = self.token_text.get(token)
+        if piece is None:
+            piece = self.token_text[token] = token_piece(self.handle.tokenizer, token)
+        return piece
+
+    # --- one decode step for every running row -----------------------------------------------
+
+    def _step(self) -> None:
+        """One forward pass for all rows, then sampling and retiring per row."""
+        self._retire_cancelled()
+        if not self.rows:
+            return
+        model, rows = self.handle.model, self.rows
+        device = self.batch.mask.device
+        columns = self.batch.columns
+        ids = torch.tensor([[r.last_token] for r in rows], device=device)
+        mask = torch.cat([self.batch.mask, torch.ones(len(rows), 1, dtype=torch.long,
+                                                      device=device)], dim=1)
+        positions = torch.tensor([[r.length + r.rope_delta] for r in rows], device=device)
+        if self.mrope:
+            positions = positions.unsqueeze(0).expand(3, -1, -1)
+        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                  self.cache_arg: self.batch.cache, "use_cache": True}
+        if self.keep_arg:
+            kwargs[self.keep_arg] = 1
+        try:
+            logits = model(**kwargs).logits[:, -1].float()
+        except Exception as e:  # noqa: BLE001 - isolate the failure, keep the engine
+            self.batch.truncate(columns)
+            self._step_failed(e)
+            return
+        self.batch.mask = mask
+        plain = [i for i, r in enumerate(rows) if r.sampler.plain]
+        picked = torch.argmax(logits[plain], dim=-1).tolist() if plain else []
+        chosen = dict(zip(plain, picked))
+        broken: list[JobState] = []
+        for i, row in enumerate(rows):
+            row.length += 1
+            if row.job in broken:
+                continue
+            try:
+                if i in chosen:
+                    row.sampler.accept(chosen[i])
+                    self._accept(row, (chosen[i], None))
+                else:
+                    self._accept(row, row.sampler(logits[i]))
+            except Exception:  # noqa: BLE001 - e.g. NaN logits: this row's job fails alone
+                log.exception("sampling failed in job %s", row.job.job.id)
+                broken.append(row.job)
+        for state in broken:
+            self._drop_rows(state)
+            self._fail_job(state, log_it=False)
+        self._retire()
+
+    def _step_failed(self, error: Exception) -> None:
+        """A decode step raised. Out of memory: the newest job leaves (its rows grew the batch
+        last) and the rest retry next step. Anything else cannot be pinned on one row: every
+        running job fails."""
+        oom = isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        jobs = list(dict.fromkeys(r.job for r in self.rows))
+        victims = jobs[-1:] if oom and len(jobs) > 1 else jobs
+        log.error("decode step failed (%s); failing %d of %d jobs", type(error).__name__,
+                  len(victims), len(jobs), exc_info=error)
+        for state in victims:
+            self._drop_rows(state)
+            self._fail_job(state, log_it=False)
+
+    # --- per-row output and retirement -------------------------------------------------------
+
+    def _accept(self, row: Row, choice: tuple[int, dict[str, Any] | None]) -> None:
+        token, entry = choice
+        state, now = row.job, time.monotonic()
+        if not state.first_token_seen:
+            state.first_token_seen = True
+            TIME_TO_FIRST_TOKEN.observe(now - state.job.submitted_at)
+        elif row.last_at:
+            INTER_TOKEN_LATENCY.observe(now - row.last_at)
+        row.last_at = now
+        row.last_token = token
+        row.completion_tokens += 1
+        state.completion_tokens += 1
+        COMPLETION_TOKENS.inc()
+        if entry is not None and token not in self.handle.eos_token_ids:
+            row.pending.append(entry)  # the end token is not part of the text: no entry
+        before = row.text.reasoning_tokens
+        parts = row.text.push(token)
+        state.reasoning_tokens += row.text.reasoning_tokens - before
+        self._emit(row, parts)
+        reason = self._finish_reason(row, token)
+        if reason is not None:
+            self._emit(row, row.text.flush())
+            state.reasons[row.index] = reason
+            state.running -= 1
+            state.job.sink.choice_finished(row.index, reason)
+
+    def _emit(self, row: Row, parts: list[tuple[str, str]]) -> None:
+        """Send text parts; logprob entries ride on the first part after their tokens (entries
+        of tokens whose text never shows, cut by a stop string, are dropped with it)."""
+        sink = row.job.job.sink
+        for channel, text in parts:
+            sink.delta(text, row.completion_tokens, channel, row.index, row.pending or None)
+            row.pending = []
+
+    def _finish_reason(self, row: Row, token: int) -> str | None:
+        p = row.job.job.params
+        if row.text.stopped:
+            return "stop"
+        if token in self.handle.eos_token_ids:  # masked while min_tokens are not reached
+            return "stop"
+        if row.completion_tokens >= p.max_new_tokens:
+            return "length"
+        return None
+
+    def _finished(self, row: Row) -> bool:
+        return row.index in row.job.reasons
+
+    def _retire(self) -> None:
+        """Drop finished rows from the batch; end jobs whose rows are all done."""
+        done = [r for r in self.rows if self._finished(r)]
+        if not done:
+            return
+        keep = [i for i, r in enumerate(self.rows) if not self._finished(r)]
+        self.batch.keep(keep)
+        self.rows = [self.rows[i] for i in keep]
+        for state in dict.fromkeys(r.job for r in done):
+            if state.running == 0:
+                self._end_job(state, None)
+
+    def _retire_cancelled(self) -> None:
+        for state in dict.fromkeys(r.job for r in self.rows):
+            if state.job.cancel.is_set():
+                self._drop_rows(state)
+                self._end_job(state, "cancelled")
+
+    def _drop_rows(self, state: JobState) -> None:
+        keep = [i for i, r in enumerate(self.rows) if r.job is not state]
+        if len(keep) != len(self.rows):
+            self.batch.keep(keep)
+            self.rows = [self.rows[i] for i in keep]
+        state.running = 0
+
+    def _end_job(self, state: JobState, reason: str | None) -> None:
+        """All rows ended (reason None: each its own) or the job was cut (`reason`)."""
+        job = state.job
+        if reason is None:
+            reasons = set(state.reasons.values())
+            reason = reasons.pop() if len(reasons) == 1 else "stop"
+        job.sink.finished(reason, job.prompt_tokens, state.completion_tokens,
+                          state.reasoning_tokens)
+
+    def _fail_job(self, state: JobState, log_it: bool = True) -> None:
+        job = state.job
+        if log_it:
+            log.exception("generation failed in job %s", job.id)
+        # The exception text stays in the log: it can name files and internals.
+        job.sink.failed(f"generation failed in session {job.id}; the server log has the details")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

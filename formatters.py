@@ -12,7 +12,7 @@ import json
 import logging
 from typing import Any, Protocol
 
-from schemas import error_body
+from schemas import error_body, prompt_count
 from store import Session
 
 log = logging.getLogger("resumable.formatters")
@@ -60,10 +60,13 @@ class Formatter(Protocol):
 
     Event builders return the events to append, as (SSE data, SSE event name) pairs:
     `created()` when the session is made, `start()` when generation begins, `delta()` per text
-    piece of a `channel` ("content" or "reasoning"), `finish()` (reason: stop, length,
-    cancelled, interrupted) or `error()` at the end, each ending with `[DONE]`.
-    `result()` folds stored event data into the non-streamed API object; `live_result()` gives
-    the same from the formatter's running fold when the log's start is gone (memory-only mode).
+    piece of a `channel` ("content" or "reasoning") of choice `index`, with the logprob entries
+    of the tokens behind it (chat shape: {token, logprob, bytes, top_logprobs}), and
+    `choice_finish()` when one of several choices ends; `finish()` (reason: stop, length,
+    cancelled, interrupted; choices still open end with it) or `error()` at the end, each
+    ending with `[DONE]`. `result()` folds stored event data into the non-streamed API object;
+    `live_result()` gives the same from the formatter's running fold when the log's start is
+    gone (memory-only mode).
     """
 
     kind: str
@@ -74,7 +77,10 @@ class Formatter(Protocol):
 
     def start(self) -> list[Out]: ...
 
-    def delta(self, text: str, channel: str = "content") -> list[Out]: ...
+    def delta(self, text: str, channel: str = "content", index: int = 0,
+              logprobs: list[dict[str, Any]] | None = None) -> list[Out]: ...
+
+    def choice_finish(self, index: int, reason: str) -> list[Out]: ...
 
     def finish(self, reason: str, usage: dict[str, Any] | None) -> list[Out]: ...
 
@@ -83,6 +89,15 @@ class Formatter(Protocol):
     def result(self, s: Session, datas: list[str]) -> dict[str, Any]: ...
 
     def live_result(self, s: Session) -> dict[str, Any]: ...
+
+
+class ChoiceFold:
+    """What one choice has said so far: text per channel, logprob entries, finish_reason."""
+
+    def __init__(self):
+        self.texts: dict[str, list[str]] = {"content": [], "reasoning": []}
+        self.logprobs: list[dict[str, Any]] = []
+        self.finish_reason: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,12 +109,12 @@ class ChatFormatter:
     """Builds the events of a chat session's log (OpenAI `chat.completion.chunk`).
 
     Every formatter is a function of the stored session (plus, for stateful ones, the events
-    it has seen through `observe`), so the server rebuilds it after a restart. Methods return
-    the events to append, as (data, event-name) pairs: `created()` when the session is made,
-    `start()` when generation begins, `delta()` per text piece, `finish()`/`error()` at the
-    end; `result()` folds the stored events into the non-streamed object.
-    Chat terminal events: a chunk with `finish_reason`, the usage chunk when
+    it has seen through `observe`), so the server rebuilds it after a restart.
+    With `n` > 1 the choices' chunks interleave, each chunk carrying one choice by `index`;
+    each choice ends with its own `finish_reason` chunk.
+    Chat terminal events: the `finish_reason` chunks, the usage chunk when
     `stream_options.include_usage` was set, then `[DONE]` (OpenAI API reference, chat streaming).
+    Logprobs (`logprobs: true`) ride on each chunk as `{"content": [...], "refusal": null}`.
     """
 
     kind = "chat.completion"
@@ -109,16 +124,37 @@ class ChatFormatter:
         self.base = {"id": f"chatcmpl-{s.id}", "object": "chat.completion.chunk",
                      "created": int(s.created), "model": s.model,
                      "system_fingerprint": SYSTEM_FINGERPRINT}
+        self.choices = self._choice_count(s.request)
+        self.with_logprobs = self._wants_logprobs(s.request)
         # A running fold of what this formatter emitted: the result when the log's start was
         # evicted (memory-only mode). Valid for sessions generated in this process.
-        self.texts: dict[str, list[str]] = {"content": [], "reasoning": []}
-        self.finish_reason: str | None = None
+        self.folds = [ChoiceFold() for _ in range(self.choices)]
+
+    @staticmethod
+    def _choice_count(request: dict[str, Any]) -> int:
+        return request.get("n") or 1
+
+    @staticmethod
+    def _wants_logprobs(request: dict[str, Any]) -> bool:
+        return bool(request.get("logprobs"))
 
     def observe(self, data: str) -> None:
-        """Stateless: nothing to rebuild from stored events."""
+        """Rebuild which choices already ended (after a restart), so that `finish` ends only
+        the others."""
+        if data == "[DONE]" or data.startswith('{"error"'):
+            return
+        for choice in json.loads(data).get("choices", []):
+            i = choice.get("index", 0)
+            if choice.get("finish_reason") and 0 <= i < len(self.folds):
+                self.folds[i].finish_reason = self.folds[i].finish_reason or choice["finish_reason"]
 
-    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> Out:
-        return self._wrap({"index": 0, "delta": delta, "logprobs": None,
+    def _logprobs(self, entries: list[dict[str, Any]] | None, index: int, text: str) -> Any:
+        return {"content": entries, "refusal": None} if entries else None
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None, index: int = 0,
+               logprobs: list[dict[str, Any]] | None = None) -> Out:
+        return self._wrap({"index": index, "delta": delta,
+                           "logprobs": self._logprobs(logprobs, index, ""),
                            "finish_reason": finish_reason})
 
     def _wrap(self, choice: dict[str, Any]) -> Out:
@@ -127,9 +163,9 @@ class ChatFormatter:
             chunk["usage"] = None
         return dumps(chunk), None
 
-    def _final(self, reason: str) -> Out:
+    def _final(self, reason: str, index: int) -> Out:
         """The chunk that carries `finish_reason`."""
-        return self._chunk({}, reason)
+        return self._chunk({}, reason, index)
 
     @staticmethod
     def _texts(choice: dict[str, Any]) -> tuple[str, str]:
@@ -137,21 +173,36 @@ class ChatFormatter:
         return (choice["delta"].get("content") or "",
                 choice["delta"].get("reasoning_content") or "")
 
+    @staticmethod
+    def _entries(choice: dict[str, Any]) -> list[dict[str, Any]]:
+        """The logprob entries (chat shape) of one stored chunk's choice."""
+        return ((choice.get("logprobs") or {}).get("content")) or []
+
     def created(self) -> list[Out]:
         return []
 
     def start(self) -> list[Out]:
-        return [self._chunk({"role": "assistant", "content": ""})]
+        return [self._chunk({"role": "assistant", "content": ""}, index=i)
+                for i in range(self.choices)]
 
-    def delta(self, text: str, channel: str = "content") -> list[Out]:
+    def delta(self, text: str, channel: str = "content", index: int = 0,
+              logprobs: list[dict[str, Any]] | None = None) -> list[Out]:
         """A content chunk, or for channel "reasoning" a `reasoning_content` chunk (vLLM's
         field)."""
-        self.texts["reasoning" if channel == "reasoning" else "content"].append(text)
-        return [self._chunk({"reasoning_content" if channel == "reasoning" else "content": text})]
+        fold = self.folds[index]
+        fold.texts["reasoning" if channel == "reasoning" else "content"].append(text)
+        fold.logprobs += logprobs or []
+        field = "reasoning_content" if channel == "reasoning" else "content"
+        return [self._chunk({field: text}, None, index, logprobs)]
+
+    def choice_finish(self, index: int, reason: str) -> list[Out]:
+        if self.folds[index].finish_reason is not None:
+            return []
+        self.folds[index].finish_reason = reason
+        return [self._final(reason, index)]
 
     def finish(self, reason: str, usage: dict[str, Any] | None) -> list[Out]:
-        self.finish_reason = reason
-        out = [self._final(reason)]
+        out = [ev for i in range(self.choices) for ev in self.choice_finish(i, reason)]
         if self.include_usage and usage is not None:
             out.append((dumps({**self.base, "choices": [], "usage": usage}), None))
         return out + [DONE]
@@ -161,31 +212,39 @@ class ChatFormatter:
 
     def result(self, s: Session, datas: list[str]) -> dict[str, Any]:
         """The non-streamed `chat.completion` object, folded from the session's events."""
-        text, reasoning, finish_reason = [], [], None
+        folds = [ChoiceFold() for _ in range(self.choices)]
         for data in datas:
             if data == "[DONE]" or data.startswith('{"error"'):
                 continue
             for choice in json.loads(data).get("choices", []):
+                if not 0 <= choice.get("index", 0) < len(folds):
+                    continue
+                fold = folds[choice.get("index", 0)]
                 content, thought = self._texts(choice)
-                text.append(content)
-                reasoning.append(thought)
-                finish_reason = choice.get("finish_reason") or finish_reason
-        return self._object(s, text, reasoning, finish_reason)
+                fold.texts["content"].append(content)
+                fold.texts["reasoning"].append(thought)
+                fold.logprobs += self._entries(choice)
+                fold.finish_reason = fold.finish_reason or choice.get("finish_reason")
+        return self._object(s, folds)
 
     def live_result(self, s: Session) -> dict[str, Any]:
         """The same object from the running fold, without reading the log."""
-        return self._object(s, self.texts["content"], self.texts["reasoning"], self.finish_reason)
+        return self._object(s, self.folds)
 
-    def _object(self, s: Session, text: list[str], reasoning: list[str],
-                finish_reason: str | None) -> dict[str, Any]:
-        message = {"role": "assistant", "content": "".join(text), "refusal": None}
-        if any(reasoning):
-            message["reasoning_content"] = "".join(reasoning)
+    def _object(self, s: Session, folds: list[ChoiceFold]) -> dict[str, Any]:
+        choices = []
+        for i, fold in enumerate(folds):
+            message = {"role": "assistant", "content": "".join(fold.texts["content"]),
+                       "refusal": None}
+            if any(fold.texts["reasoning"]):
+                message["reasoning_content"] = "".join(fold.texts["reasoning"])
+            logprobs = ({"content": fold.logprobs, "refusal": None} if self.with_logprobs
+                        else None)
+            choices.append({"index": i, "message": message, "logprobs": logprobs,
+                            "finish_reason": fold.finish_reason})
         return {"id": self.base["id"], "object": "chat.completion", "created": self.base["created"],
                 "model": self.base["model"], "system_fingerprint": SYSTEM_FINGERPRINT,
-                "choices": [{"index": 0, "message": message, "logprobs": None,
-                             "finish_reason": finish_reason}],
-                "usage": s.usage}
+                "choices": choices, "usage": s.usage}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,43 +255,102 @@ class ChatFormatter:
 class CompletionFormatter(ChatFormatter):
     """Events of a legacy completions session (OpenAI `text_completion` chunks).
 
+    Choices are `n` per prompt, prompt by prompt (choice index = prompt index * n + j).
     Reasoning, if a thinking model emits any, is kept inline: legacy completions have no field
-    for it. `echo` puts the prompt text first (the request stores it as `_echo_text`).
+    for it. `echo` puts the prompt text first (the request stores it as `_echo_texts`).
+    Logprobs (`logprobs: k`) use the legacy shape: tokens, token_logprobs, top_logprobs (one
+    {token: logprob} per position) and text_offset.
     """
 
     kind = "text_completion"
 
     def __init__(self, s: Session):
         super().__init__(s)
-        self.echo_text = s.request.get("_echo_text") if s.request.get("echo") else None
+        r = s.request
+        echo = (r.get("_echo_texts") or [r.get("_echo_text")]) if r.get("echo") else None
+        n = r.get("n") or 1
+        self.echo_texts = [echo[i // n] if echo and i // n < len(echo) else None
+                           for i in range(self.choices)]
+        self.offsets = [0] * self.choices  # characters of each choice's text so far
         self.base = {"id": f"cmpl-{s.id}", "object": "text_completion", "created": int(s.created),
                      "model": s.model, "system_fingerprint": SYSTEM_FINGERPRINT}
 
-    def _text(self, text: str, finish_reason: str | None = None) -> Out:
-        return self._wrap({"text": text, "index": 0, "logprobs": None,
+    @staticmethod
+    def _choice_count(request: dict[str, Any]) -> int:
+        return (request.get("n") or 1) * prompt_count(request.get("prompt"))
+
+    @staticmethod
+    def _wants_logprobs(request: dict[str, Any]) -> bool:
+        return request.get("logprobs") is not None
+
+    def _logprobs(self, entries: list[dict[str, Any]] | None, index: int, text: str) -> Any:
+        """The legacy logprobs object of the tokens behind `text`; they join the choice's fold
+        too. `text_offset` counts characters of the choice's text (echo included); a token
+        that completes a character another token began starts inside this piece's text.
+        `top_logprobs` has the sampled token besides the top ones, as OpenAI's."""
+        start = self.offsets[index]
+        self.offsets[index] += len(text)
+        if not entries:
+            return None
+        offsets, pos = [], start
+        for e in entries:
+            offsets.append(min(pos, start + len(text)))
+            pos += len(e["token"])
+        legacy = {"tokens": [e["token"] for e in entries],
+                  "token_logprobs": [e["logprob"] for e in entries],
+                  "top_logprobs": [{**{t["token"]: t["logprob"] for t in e["top_logprobs"]},
+                                    e["token"]: e["logprob"]} for e in entries],
+                  "text_offset": offsets}
+        self.folds[index].logprobs += self._entries({"logprobs": legacy})
+        return legacy
+
+    def _text(self, text: str, finish_reason: str | None = None, index: int = 0,
+              logprobs: list[dict[str, Any]] | None = None) -> Out:
+        return self._wrap({"text": text, "index": index,
+                           "logprobs": self._logprobs(logprobs, index, text),
                            "finish_reason": finish_reason})
 
-    def _final(self, reason: str) -> Out:
-        return self._text("", reason)
+    def _final(self, reason: str, index: int) -> Out:
+        return self._text("", reason, index)
 
     @staticmethod
     def _texts(choice: dict[str, Any]) -> tuple[str, str]:
         return choice["text"], ""
 
-    def start(self) -> list[Out]:
-        if not self.echo_text:
+    @staticmethod
+    def _entries(choice: dict[str, Any]) -> list[dict[str, Any]]:
+        lp = choice.get("logprobs")
+        if not lp:
             return []
-        self.texts["content"].append(self.echo_text)
-        return [self._text(self.echo_text)]
+        return [{"token": t, "logprob": v, "top_logprobs": top, "offset": o}
+                for t, v, top, o in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"],
+                                        lp["text_offset"])]
 
-    def delta(self, text: str, channel: str = "content") -> list[Out]:
-        self.texts["content"].append(text)
-        return [self._text(text)]
+    def start(self) -> list[Out]:
+        out = []
+        for i, echo in enumerate(self.echo_texts):
+            if echo:
+                self.folds[i].texts["content"].append(echo)
+                out.append(self._text(echo, index=i))
+        return out
 
-    def _object(self, s: Session, text: list[str], reasoning: list[str],
-                finish_reason: str | None) -> dict[str, Any]:
-        return {**self.base, "choices": [{"text": "".join(text), "index": 0, "logprobs": None,
-                                          "finish_reason": finish_reason}], "usage": s.usage}
+    def delta(self, text: str, channel: str = "content", index: int = 0,
+              logprobs: list[dict[str, Any]] | None = None) -> list[Out]:
+        self.folds[index].texts["content"].append(text)
+        return [self._text(text, None, index, logprobs)]
+
+    def _object(self, s: Session, folds: list[ChoiceFold]) -> dict[str, Any]:
+        choices = []
+        for i, fold in enumerate(folds):
+            lp = None
+            if self.with_logprobs:
+                lp = {"tokens": [e["token"] for e in fold.logprobs],
+                      "token_logprobs": [e["logprob"] for e in fold.logprobs],
+                      "top_logprobs": [e["top_logprobs"] for e in fold.logprobs],
+                      "text_offset": [e["offset"] for e in fold.logprobs]}
+            choices.append({"text": "".join(fold.texts["content"]), "index": i, "logprobs": lp,
+                            "finish_reason": fold.finish_reason})
+        return {**self.base, "choices": choices, "usage": s.usage}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,6 +395,7 @@ class ResponsesFormatter:
     def __init__(self, s: Session):
         self.s, r = s, s.request
         self.pending = 0
+        self.with_logprobs = "message.output_text.logprobs" in (r.get("include") or [])
         self.response: dict[str, Any] = {
             "id": f"resp_{s.id}", "object": "response", "created_at": int(s.created),
             "status": "queued", "background": bool(r.get("background")), "error": None,
@@ -299,7 +418,10 @@ class ResponsesFormatter:
     def _apply(self, ev: dict[str, Any]) -> None:
         event_type, output = ev["type"], self.response["output"]
         if event_type in ("response.output_text.delta", "response.reasoning_text.delta"):
-            output[ev["output_index"]]["content"][ev["content_index"]]["text"] += ev["delta"]
+            part = output[ev["output_index"]]["content"][ev["content_index"]]
+            part["text"] += ev["delta"]
+            if ev.get("logprobs"):
+                part["logprobs"] = part.get("logprobs", []) + ev["logprobs"]
         elif event_type == "response.output_item.added":
             output.append(copy.deepcopy(ev["item"]))
         elif event_type == "response.content_part.added":
@@ -369,12 +491,15 @@ class ResponsesFormatter:
         reasoning = item["type"] == "reasoning"
         where = {"item_id": item["id"], "output_index": index, "content_index": 0}
         done = (self._ev("response.reasoning_text.done", **where, text=part["text"]) if reasoning
-                else self._ev("response.output_text.done", **where, text=part["text"], logprobs=[]))
+                else self._ev("response.output_text.done", **where, text=part["text"],
+                              logprobs=part.get("logprobs", [])))
         return [done, self._ev("response.content_part.done", **where, part=dict(part)),
                 self._ev("response.output_item.done", output_index=index,
                          item={**copy.deepcopy(item), "status": status})]
 
-    def delta(self, text: str, channel: str = "content") -> list[Out]:
+    def delta(self, text: str, channel: str = "content", index: int = 0,
+              logprobs: list[dict[str, Any]] | None = None) -> list[Out]:
+        """Text of the one output (`index` is always 0: Responses has no `n`)."""
         self.pending = 0
         reasoning = channel == "reasoning"
         out: list[Out] = []
@@ -387,8 +512,12 @@ class ResponsesFormatter:
         if reasoning:
             out.append(self._ev("response.reasoning_text.delta", **where, delta=text))
         else:
-            out.append(self._ev("response.output_text.delta", **where, delta=text, logprobs=[]))
+            out.append(self._ev("response.output_text.delta", **where, delta=text,
+                                logprobs=(logprobs or []) if self.with_logprobs else []))
         return out
+
+    def choice_finish(self, index: int, reason: str) -> list[Out]:
+        return []  # one output: `finish` ends it
 
     def finish(self, reason: str, usage: dict[str, Any] | None) -> list[Out]:
         self.pending = 0

@@ -40,7 +40,8 @@ from security import APIKeyMiddleware, BodyLimitMiddleware, HostCheckMiddleware,
 from settings import settings
 from store import EventsGone, StoreLocked, StoreOpenError
 from store_sqlite import session_store
-from telemetry import QUEUE_DEPTH, configure_logging
+from telemetry import (KV_CACHE_USAGE, QUEUE_DEPTH, RUNNING_SEQUENCES, WAITING_SEQUENCES,
+                       configure_logging)
 
 configure_logging(settings.log_level)
 log = logging.getLogger("resumable")
@@ -73,8 +74,12 @@ async def lifespan(app: FastAPI):
         # Raised out of the lifespan, uvicorn logs "Application startup failed" and exits 3.
         log.error("%s", e)
         raise
-    engine = Engine(handle, settings.max_queued_requests)
-    QUEUE_DEPTH.set_function(engine.jobs.qsize)
+    engine = Engine(handle, settings.max_queued_requests, settings.max_num_seqs,
+                    settings.max_batch_tokens)
+    QUEUE_DEPTH.set_function(lambda: len(engine.waiting))
+    RUNNING_SEQUENCES.set_function(lambda: engine.stats()["running"])
+    WAITING_SEQUENCES.set_function(lambda: engine.stats()["waiting"])
+    KV_CACHE_USAGE.set_function(lambda: engine.stats()["kv_cache_usage"])
     rt = Runtime(store, engine, asyncio.get_running_loop())
     app.state.runtime = rt
     formatters_for(rt, list(store.sessions.values()))

@@ -8,7 +8,7 @@ import asyncio
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jinja2
@@ -21,7 +21,7 @@ from media import MediaError, MediaLimits, Video, decode_image, decode_video, lo
 from model import ModelHandle
 from sampling import SamplingParams
 from schemas import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest,
-                     OpenAISampling, ResponsesRequest, Sampling)
+                     OpenAISampling, ResponsesRequest, Sampling, prompt_count)
 from settings import settings
 
 log = logging.getLogger("resumable.prepare")
@@ -86,8 +86,7 @@ def unsupported(param: str, message: str, value: bool = False) -> APIError:
 
 def refuse_unsupported(req: ChatCompletionRequest) -> None:
     """400 naming the first known chat field or value this server cannot honour (yet)."""
-    if req.n not in (None, 1):
-        raise unsupported("n", "n > 1 is not supported: ask for one choice per request", True)
+    check_rows("n", req.n or 1)
     for name in ("tools", "functions", "prediction", "web_search_options", "audio",
                  "reasoning_effort"):
         # Present is a request for the feature ({} turns web search on); an empty tool list
@@ -100,10 +99,8 @@ def refuse_unsupported(req: ChatCompletionRequest) -> None:
     if req.function_call not in (None, "none"):
         raise unsupported("function_call", "'function_call' other than 'none' is not supported "
                                            "by this server", True)
-    if req.logprobs:
-        raise unsupported("logprobs", "'logprobs' is not supported by this server yet", True)
-    if req.top_logprobs:
-        raise unsupported("top_logprobs", "'top_logprobs' is not supported by this server yet")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
     if req.response_format and req.response_format.get("type") not in (None, "text"):
         raise unsupported("response_format", f"response_format type "
                                              f"{req.response_format.get('type')!r} is not "
@@ -117,6 +114,27 @@ def refuse_unsupported(req: ChatCompletionRequest) -> None:
         if m.role in ("tool", "function") or m.tool_calls:
             raise unsupported(f"messages[{i}]", "tool and function messages are not supported "
                                                 "by this server", True)
+
+
+def check_rows(param: str, rows: int) -> None:
+    """400 when a request asks for more sequences (n x prompts) than one batch may hold."""
+    if rows > settings.max_num_seqs:
+        raise APIError(400, f"this request asks for {rows} sequences (n x prompts); this server "
+                            f"decodes at most {settings.max_num_seqs} at once (MAX_NUM_SEQS)",
+                       param=param, code="unsupported_value")
+
+
+def refuse_unsupported_completion(req: CompletionRequest) -> None:
+    """400 for legacy completions features this server cannot honour, or limits exceeded."""
+    if req.best_of is not None and req.best_of < (req.n or 1):
+        raise APIError(400, "best_of must be greater than or equal to n", param="best_of")
+    if req.best_of is not None and req.best_of > (req.n or 1):
+        raise unsupported("best_of", "best_of greater than n is not supported (every generated "
+                                     "choice is returned)", True)
+    if req.echo and req.logprobs is not None:
+        raise unsupported("logprobs", "logprobs together with echo (prompt logprobs) is not "
+                                      "supported", True)
+    check_rows("n", (req.n or 1) * prompt_count(req.prompt))
 
 
 UNSUPPORTED_ITEM_TYPES = {"function_call", "function_call_output", "file_search_call",
@@ -143,8 +161,8 @@ def refuse_unsupported_response(body: ResponsesRequest) -> None:
         ("tool_choice", body.tool_choice not in (None, "none", "auto"), "tool_choice", True),
         ("conversation", body.conversation is not None, "conversation objects", False),
         ("prompt", body.prompt is not None, "prompt templates", False),
-        ("include", bool(body.include), "include", False),
-        ("top_logprobs", bool(body.top_logprobs), "logprobs", False),
+        ("include", bool(set(body.include or []) - {"message.output_text.logprobs"}),
+         "include values other than message.output_text.logprobs", True),
         ("truncation", body.truncation not in (None, "disabled"), "truncation 'auto'", True),
         ("text.format", text_format_type(body.text) != "text",
          "structured output (text.format other than text)", True),
@@ -417,18 +435,19 @@ def prepare_chat_inputs(handle: ModelHandle, messages: list[dict[str, Any]],
     return {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}
 
 
-def prompt_ids(handle: ModelHandle, prompt: Any) -> tuple[torch.Tensor, str]:
-    """`prompt` (a string, a list of one string, or token ids) to input_ids (1, n) and its text.
-
-    Several prompts in one request are 400 unsupported_value (one session runs one generation).
-    """
+def prompts_ids(handle: ModelHandle, prompt: Any) -> list[tuple[torch.Tensor, str]]:
+    """Every prompt of a legacy completions `prompt` (a string, token ids, or a list of
+    either) as (input_ids (1, n), its text)."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) > 1:
-            raise unsupported("prompt", "several prompts in one request are not supported: "
-                                        "send one prompt per request", True)
-        prompt = prompt[0]
+        return [prompt_ids(handle, p, f"prompt[{i}]") for i, p in enumerate(prompt)]
+    return [prompt_ids(handle, prompt)]
+
+
+def prompt_ids(handle: ModelHandle, prompt: Any, param: str = "prompt"
+               ) -> tuple[torch.Tensor, str]:
+    """One prompt (a string or token ids) to input_ids (1, n) and its text."""
     if isinstance(prompt, str):
-        check_prompt_chars(handle, len(prompt), "prompt")
+        check_prompt_chars(handle, len(prompt), param)
         ids = handle.tokenizer(prompt, return_tensors="pt")["input_ids"]
         if ids.shape[-1] == 0:
             # OpenAI completes an empty prompt from the start of a document: begin with BOS
@@ -440,7 +459,7 @@ def prompt_ids(handle: ModelHandle, prompt: Any) -> tuple[torch.Tensor, str]:
         return ids, prompt
     vocab = len(handle.tokenizer)
     if not prompt or any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
-        raise APIError(400, f"prompt token ids must be integers in 0..{vocab - 1}", param="prompt")
+        raise APIError(400, f"prompt token ids must be integers in 0..{vocab - 1}", param=param)
     return torch.tensor([prompt]), handle.tokenizer.decode(prompt)
 
 
@@ -492,6 +511,7 @@ class Prepared:
     params: SamplingParams
     stored: dict[str, Any]
     starts_in_reasoning: bool | None = None
+    more_inputs: list[dict[str, torch.Tensor]] = field(default_factory=list)  # more prompts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,12 +533,14 @@ async def prepare_chat(body: ChatCompletionRequest, handle: ModelHandle,
 
 async def prepare_completion(body: CompletionRequest, handle: ModelHandle,
                              raw: dict[str, Any]) -> Prepared:
-    """Legacy completions: the raw prompt (text or token ids), no chat template; with `echo`
-    the prompt text is stored for the formatter (`_echo_text`)."""
-    ids, text = await asyncio.to_thread(prompt_ids, handle, body.prompt)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    params = sampling_params(body, handle, int(ids.shape[-1]))
-    return Prepared(inputs, params, {**raw, "_echo_text": text} if body.echo else raw)
+    """Legacy completions: the raw prompts (text or token ids), no chat template; with `echo`
+    the prompt texts are stored for the formatter (`_echo_texts`). The completion budget is
+    fitted to the longest prompt."""
+    prompts = await asyncio.to_thread(prompts_ids, handle, body.prompt)
+    inputs = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids, _ in prompts]
+    params = sampling_params(body, handle, max(int(ids.shape[-1]) for ids, _ in prompts))
+    stored = {**raw, "_echo_texts": [text for _, text in prompts]} if body.echo else raw
+    return Prepared(inputs[0], params, stored, more_inputs=inputs[1:])
 
 
 async def prepare_response(body: ResponsesRequest, handle: ModelHandle, raw: dict[str, Any],

@@ -19,7 +19,8 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from formatters import ChatFormatter, CompletionFormatter, ResponsesFormatter
 from model import ModelHandle, require_ready
 from prepare import (Prepared, body_digest, check_unicode, prepare_chat, prepare_completion,
-                     prepare_response, refuse_unsupported, refuse_unsupported_response, unsupported)
+                     prepare_response, refuse_unsupported, refuse_unsupported_completion,
+                     refuse_unsupported_response, unsupported)
 from runtime import Runtime
 from schemas import (SESSION_ID_PATTERN, APIError, ChatCompletionRequest, CompletionRequest,
                      ResponsesRequest)
@@ -287,7 +288,8 @@ async def run_session(request: Request, body, kind: str, prepare,
         raise APIError(503, f"session storage is failing, so no generation can start: "
                             f"{storage_reason(rt, str(e))}",
                        code="storage_unavailable", headers={"Retry-After": "5"}) from e
-    rt.start(s, prepared.inputs, prepared.params, prepared.starts_in_reasoning)
+    rt.start(s, prepared.inputs, prepared.params, prepared.starts_in_reasoning,
+             prepared.more_inputs)
     return await respond(rt, s, body.stream, -1, request)
 
 
@@ -340,11 +342,7 @@ async def completions(body: CompletionRequest, request: Request,
                       resume_id: str | None = Depends(last_event_id)):
     """`POST /v1/completions` (OpenAI API reference, legacy Completions) in a session: the raw
     prompt, no chat template. Resume and cancel as for chat."""
-    for name, bad in (("n", body.n not in (None, 1)), ("best_of", body.best_of not in (None, 1)),
-                      ("logprobs", body.logprobs is not None)):
-        if bad:
-            raise unsupported(name, f"'{name}' is not supported by this server",
-                              name != "logprobs")
+    refuse_unsupported_completion(body)
     if body.suffix:
         raise unsupported("suffix", "'suffix' is not supported: the served model cannot fill "
                                     "in the middle")

@@ -39,7 +39,7 @@ class SessionSink:
 
     def __init__(self, runtime: "Runtime", s: Session, prompt_tokens: int):
         self.runtime, self.s, self.live = runtime, s, runtime.live[s.id]
-        self.completion_tokens = 0
+        self.completion_tokens: dict[int, int] = {}  # per choice index
         self.prompt_tokens = prompt_tokens
 
     def _call(self, fn, *args) -> None:
@@ -51,8 +51,12 @@ class SessionSink:
     def started(self, prompt_tokens: int) -> None:
         self._call(self._started, prompt_tokens)
 
-    def delta(self, text: str, completion_tokens: int, channel: str = "content") -> None:
-        self._call(self._delta, text, completion_tokens, channel)
+    def delta(self, text: str, completion_tokens: int, channel: str = "content",
+              index: int = 0, logprobs: list[dict[str, Any]] | None = None) -> None:
+        self._call(self._delta, text, completion_tokens, channel, index, logprobs)
+
+    def choice_finished(self, index: int, reason: str) -> None:
+        self._call(self._choice_finished, index, reason)
 
     def finished(self, reason: str, prompt_tokens: int, completion_tokens: int,
                  reasoning_tokens: int = 0) -> None:
@@ -62,23 +66,31 @@ class SessionSink:
     def failed(self, message: str) -> None:
         self._call(self.runtime.fail, self.s, message)
 
+    def _open(self) -> bool:
+        return not (self.s.terminal or self.s.deleted)
+
     def _started(self, prompt_tokens: int) -> None:
         self.prompt_tokens = prompt_tokens
-        if self.s.terminal or self.s.deleted:
-            return
-        self.runtime.store.set_state(self.s, "in_progress")
-        self.runtime.append_all(self.s, self.live.formatter.start())
+        if self._open():
+            self.runtime.store.set_state(self.s, "in_progress")
+            self.runtime.append_all(self.s, self.live.formatter.start())
 
-    def _delta(self, text: str, completion_tokens: int, channel: str) -> None:
-        self.completion_tokens = completion_tokens
-        if not (self.s.terminal or self.s.deleted):
-            self.runtime.append_all(self.s, self.live.formatter.delta(text, channel))
+    def _delta(self, text: str, completion_tokens: int, channel: str, index: int,
+               logprobs: list[dict[str, Any]] | None) -> None:
+        self.completion_tokens[index] = completion_tokens
+        if self._open():
+            self.runtime.append_all(self.s, self.live.formatter.delta(text, channel, index,
+                                                                      logprobs))
+
+    def _choice_finished(self, index: int, reason: str) -> None:
+        if self._open():
+            self.runtime.append_all(self.s, self.live.formatter.choice_finish(index, reason))
 
     def _finished(self, reason: str, usage: dict[str, int]) -> None:
         self.runtime.finish(self.s, reason, usage)
 
     def usage_so_far(self) -> dict[str, int]:
-        return usage_object(self.prompt_tokens, self.completion_tokens)
+        return usage_object(self.prompt_tokens, sum(self.completion_tokens.values()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,15 +135,16 @@ class Runtime:
         return s
 
     def start(self, s: Session, inputs: dict[str, torch.Tensor], params: SamplingParams,
-              starts_in_reasoning: bool | None) -> None:
+              starts_in_reasoning: bool | None,
+              more_inputs: list[dict[str, torch.Tensor]] | None = None) -> None:
         """Queue the session's generation: inputs as `prepare` made them (`input_ids`
-        (1, prompt_tokens), vision tensors), and arm the disconnect timer (no client may
-        ever attach)."""
+        (1, prompt_tokens), vision tensors; `more_inputs` for further prompts), and arm the
+        disconnect timer (no client may ever attach)."""
         live = self.live[s.id]
-        sink = SessionSink(self, s, int(inputs["input_ids"].shape[-1]))
-        self.sinks[s.id] = sink
-        self.engine.submit(GenerationJob(s.id, live.cancel, inputs, params, sink,
-                                         starts_in_reasoning))
+        job = GenerationJob(s.id, live.cancel, inputs, params, None, starts_in_reasoning,
+                            list(more_inputs or []))
+        job.sink = self.sinks[s.id] = SessionSink(self, s, job.prompt_tokens)
+        self.engine.submit(job)
         live.last_detached_at = time.monotonic()
         self.arm_disconnect_timer(s)
 

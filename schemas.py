@@ -160,6 +160,20 @@ class ChatCompletionRequest(OpenAISampling):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def to_sampling_params(self, max_new_tokens: int, default_temperature: float,
+                           logit_bias: dict[int, float] | None = None) -> SamplingParams:
+        """As OpenAISampling's, with `n` and logprobs (`top_logprobs` alternatives)."""
+        return dataclasses.replace(
+            super().to_sampling_params(max_new_tokens, default_temperature, logit_bias),
+            n=self.n or 1, logprobs=(self.top_logprobs or 0) if self.logprobs else None)
+
+
+def prompt_count(prompt: Any) -> int:
+    """How many prompts a legacy completions `prompt` holds (a string or token ids: one)."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        return len(prompt)
+    return 1
+
 
 class CompletionRequest(OpenAISampling):
     """Body of `POST /v1/completions` (OpenAI API reference, legacy Completions), plus
@@ -188,6 +202,13 @@ class CompletionRequest(OpenAISampling):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def to_sampling_params(self, max_new_tokens: int, default_temperature: float,
+                           logit_bias: dict[int, float] | None = None) -> SamplingParams:
+        """As OpenAISampling's, with `n` and `logprobs` (the legacy int: alternatives)."""
+        return dataclasses.replace(
+            super().to_sampling_params(max_new_tokens, default_temperature, logit_bias),
+            n=self.n or 1, logprobs=self.logprobs)
 
 
 class ResponsesRequest(Sampling):
@@ -224,13 +245,21 @@ class ResponsesRequest(Sampling):
     conversation: str | dict[str, Any] | None = None
     prompt: dict[str, Any] | None = None
     include: list[str] | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     max_tool_calls: int | None = None
 
     chat_template_kwargs: dict[str, Any] | None = None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_output_tokens
+
+    def to_sampling_params(self, max_new_tokens: int, default_temperature: float,
+                           logit_bias: dict[int, float] | None = None) -> SamplingParams:
+        """As Sampling's, with logprobs when `include` asks for output_text logprobs."""
+        wants = "message.output_text.logprobs" in (self.include or [])
+        return dataclasses.replace(
+            super().to_sampling_params(max_new_tokens, default_temperature),
+            logprobs=(self.top_logprobs or 0) if wants else None)
 
 
 class ErrorDetail(BaseModel):

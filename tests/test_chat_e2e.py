@@ -325,9 +325,9 @@ BAD_REQUESTS = [
     ({"messages": QUESTION, "chat_template_kwargs": {"tokenize": False}}, 400,
      "chat_template_kwargs"),
     # Refusals are 400 (OpenAI's unsupported_parameter/value): SDKs retry every 5xx.
-    ({"messages": QUESTION, "n": 2}, 400, "n"),
+    ({"messages": QUESTION, "n": 17}, 400, "n"),  # more rows than MAX_NUM_SEQS (16)
     ({"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
-    ({"messages": QUESTION, "logprobs": True}, 400, "logprobs"),
+    ({"messages": QUESTION, "top_logprobs": 2}, 400, "top_logprobs"),  # needs logprobs: true
     ({"messages": QUESTION, "response_format": {"type": "json_object"}}, 400, "response_format"),
 ]
 

@@ -75,7 +75,7 @@ def test_unsupported_field_is_400_and_not_retried(server):
     marker = "refusal-" + str(time.time_ns())
     before = server.logs().count("POST /v1/chat/completions")
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="m", messages=QUESTION, n=2, user=marker)
+        client.chat.completions.create(model="m", messages=QUESTION, n=50, user=marker)
     err = info.value.body
     assert (err["code"], err["param"], err["type"]) == ("unsupported_value", "n",
                                                          "invalid_request_error")

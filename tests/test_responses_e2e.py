@@ -180,7 +180,7 @@ def test_previous_response_id_round_trip(client):
     ({"truncation": "auto"}, "truncation", "unsupported_value"),
     ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, "text.format",
      "unsupported_value"),
-    ({"include": ["reasoning.encrypted_content"]}, "include", "unsupported_parameter"),
+    ({"include": ["reasoning.encrypted_content"]}, "include", "unsupported_value"),
     ({"reasoning": {"summary": "auto"}}, "reasoning.summary", "unsupported_value"),
     ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
      "input[0].content[0].type", "unsupported_value"),
@@ -250,9 +250,12 @@ def test_completions_resume_and_cancel(http):
 
 @pytest.mark.parametrize("extra,status,param", [
     ({"suffix": "end"}, 400, "suffix"),
-    ({"n": 2}, 400, "n"),
-    ({"logprobs": 2}, 400, "logprobs"),
-    ({"prompt": ["a", "b"]}, 400, "prompt"),
+    ({"n": 17}, 400, "n"),  # more rows than MAX_NUM_SEQS (16)
+    ({"n": 9, "prompt": ["a", "b"]}, 400, "n"),  # 18 rows
+    ({"echo": True, "logprobs": 2}, 400, "logprobs"),
+    ({"n": 3, "best_of": 1}, 400, "best_of"),
+    ({"best_of": 2}, 400, "best_of"),
+    ({"prompt": [[1, 2], [10**9]]}, 400, "prompt[1]"),
     ({"prompt": []}, 400, "prompt"),
     ({"prompt": [10**9]}, 400, "prompt"),
     ({"max_tokens": 0}, 400, "max_tokens"),

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoTokenizer
 
 import model
 from decoding import IncrementalDecoder, StopMatcher
+from formatters import ChatFormatter, CompletionFormatter
 from prepare import body_digest
 from routes import parse_last_event_id
-from sampling import OpenAIPenalties
+from sampling import RowSampler, SamplingParams, row_seed
 from schemas import APIError
+from store import Session
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +75,55 @@ def test_nothing_after_a_stop():
     assert m.feed("One. Two.") == "One" and m.feed("more") == "" and m.flush() == ""
 
 
+def sampler(**kw) -> RowSampler:
+    params = SamplingParams(**{"max_new_tokens": 50, "temperature": 0.0, **kw})
+    return RowSampler(params, [9, 9], {5}, row_seed(kw.get("seed"), 0),
+                      lambda t: (f"<{t}>", list(f"<{t}>".encode())))
+
+
 def test_openai_penalties():
-    scores = torch.zeros(1, 6)
-    ids = torch.tensor([[9, 9, 1, 1, 1, 2]])  # prompt of 2 tokens, then 1,1,1,2
-    out = OpenAIPenalties(2, presence=0.5, frequency=1.0, logit_bias={4: 7.0, 0: -100.0})(ids, scores)
-    assert out.tolist() == [[-100.0, -3.5, -1.5, 0.0, 7.0, 0.0]]
-    assert scores.tolist() == [[0.0] * 6]  # input left untouched
+    s = sampler(presence_penalty=0.5, frequency_penalty=1.0, logit_bias={4: 7.0, 0: -100.0})
+    for token in (1, 1, 1, 2):  # the output so far; the prompt (9, 9) does not count
+        s.accept(token)
+    scores = torch.zeros(6)
+    out = s._process(scores)
+    assert out.tolist() == [-100.0, -3.5, -1.5, 0.0, 7.0, 0.0]
+    assert scores.tolist() == [0.0] * 6  # input left untouched
+
+
+def test_repetition_penalty_counts_the_prompt_and_min_tokens_masks_eos():
+    s = sampler(repetition_penalty=2.0, min_tokens=1)
+    out = s._process(torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 9.0, 1.0, 1.0, 1.0, -1.0]))
+    assert out[9] == -2.0 and out[5] == float("-inf") and out[0] == 1.0
+    s.accept(3)
+    assert s._process(torch.zeros(10))[5] == 0.0  # min_tokens reached: EOS allowed
+
+
+def test_seeded_rows_repeat_and_differ_by_seed():
+    logits = torch.zeros(50)  # uniform: every draw is the generator's alone
+
+    def draws(seed):
+        s = sampler(temperature=1.0, seed=seed)
+        return [s(logits)[0] for _ in range(20)]
+    assert draws(1) == draws(1)
+    assert draws(1) != draws(2)
+    assert row_seed(1, 0) == 1 and row_seed(1, 3) == 4 and row_seed(2**63 - 1, 1) == 0
+
+
+def test_top_k_one_is_greedy_and_logprobs_are_the_raw_distribution():
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.0])
+    token, entry = sampler(temperature=1.5, top_k=1, seed=3, logprobs=2)(logits)
+    assert token == 1
+    raw = torch.log_softmax(logits, -1)
+    assert abs(entry["logprob"] - float(raw[1])) < 1e-6 and entry["token"] == "<1>"
+    assert [t["token"] for t in entry["top_logprobs"]] == ["<1>", "<3>"]
+    assert entry["bytes"] == list(b"<1>")
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    s = sampler(temperature=1.0, top_p=0.7, seed=0)
+    assert {s(logits)[0] for _ in range(200)} == {0, 1}
 
 
 @pytest.mark.parametrize("value,expected", [
@@ -139,3 +186,44 @@ def test_prompt_opens_thinking():
     assert prompt_opens_thinking("<|im_start|>assistant\n<think>\n")
     assert not prompt_opens_thinking("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert not prompt_opens_thinking("<|im_start|>assistant\n")
+
+
+# --- formatters: choices and logprobs ---------------------------------------------------------
+
+
+def session(request: dict) -> Session:
+    return Session(id="s", kind="x", model="m", created=0.0, body_digest="", request=request)
+
+
+def entry(token: str, lp: float) -> dict:
+    return {"token": token, "logprob": lp, "bytes": list(token.encode()),
+            "top_logprobs": [{"token": "x", "logprob": -9.0, "bytes": [120]}]}
+
+
+def test_legacy_logprobs_offsets_follow_the_emitted_text():
+    f = CompletionFormatter(session({"prompt": "Hi", "logprobs": 1, "echo": True,
+                                     "_echo_texts": ["Hi"]}))
+    f.start()
+    # two tokens make one character; the next token starts after it
+    out = f.delta("é", index=0, logprobs=[entry("\ufffd", -1.0), entry("\ufffd", -0.5)])
+    out += f.delta("!", index=0, logprobs=[entry("!", -0.1)])
+    lps = [json.loads(d)["choices"][0]["logprobs"] for d, _ in out]
+    assert lps[0]["text_offset"] == [2, 3] and lps[1]["text_offset"] == [3]
+    assert lps[1]["top_logprobs"] == [{"x": -9.0, "!": -0.1}]  # the sampled token is included
+    assert f.live_result(session({}))["choices"][0]["logprobs"]["text_offset"] == [2, 3, 3]
+
+
+def test_restart_ends_only_the_choices_still_open():
+    s = session({"n": 2, "messages": []})
+    before = ChatFormatter(s)
+    stored = [d for d, _ in before.start() + before.delta("a", index=0)
+              + before.choice_finish(0, "stop") + before.delta("b", index=1)]
+    after = ChatFormatter(s)  # rebuilt after a restart
+    for d in stored:
+        after.observe(d)
+    end = [d for d, _ in after.finish("interrupted", None)]
+    ending = [json.loads(d) for d in end if d != "[DONE]"]
+    assert [(c["choices"][0]["index"], c["choices"][0]["finish_reason"]) for c in ending] == [
+        (1, "interrupted")]
+    result = after.result(s, stored + end)
+    assert [c["finish_reason"] for c in result["choices"]] == ["stop", "interrupted"]

@@ -13,6 +13,7 @@ import struct
 import threading
 import uuid
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import av
 import httpx
@@ -244,6 +245,27 @@ def test_cancel_a_vision_request(http):
     body = {**ask(image_part("red.png")), "max_tokens": 3000, "stream": True, "session_id": sid}
     read_events(http, "POST", "/v1/chat/completions", limit=2, json=body)
     assert http.post(f"/v1/cancel/{sid}").json()["state"] == "cancelled"
+
+
+def test_vision_requests_decode_together_as_they_do_alone(vl):
+    """Images of different sizes (so different prompt lengths and M-RoPE offsets) and a text
+    request in one batch: each gives what it gives alone (greedy)."""
+    bodies = [ask(image_part(data_url(png(64, 64), "image/png")), max_tokens=12),
+              ask(image_part(data_url(png(160, 96, (10, 200, 10)), "image/png")), max_tokens=12),
+              {**ask(), "messages": [{"role": "user", "content": "Hello there"}],
+               "max_tokens": 12}]
+
+    def run(body):
+        with httpx.Client(base_url=vl.url, timeout=120) as c:
+            r = post(c, body)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["message"]["content"], r.json()["usage"]
+
+    alone = [run(b) for b in bodies]
+    with ThreadPoolExecutor(3) as pool:
+        batched = list(pool.map(run, bodies))
+    assert batched == alone
+    assert all(u["completion_tokens"] == 12 for _, u in batched)
 
 
 # --- thinking -----------------------------------------------------------------------------------

@@ -1,0 +1,156 @@
+"""The batching engine in-process: the padded batch cache (pure tensors) and, with the real
+SmolLM2 model, failure isolation and batch-independent output at the engine's own seam."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from decoding import token_piece
+from engine import BatchCache, Engine, GenerationJob
+from model import ModelHandle, load_model, served_model_name
+from sampling import SamplingParams
+
+# --- the padded batch cache -------------------------------------------------------------------
+
+
+def cache_of(rows: int, length: int, fill: float, layers: int = 2) -> DynamicCache:
+    cache = DynamicCache()
+    for i in range(layers):
+        kv = torch.full((rows, 1, length, 2), fill + i)
+        cache.update(kv, kv.clone(), i)
+    return cache
+
+
+def test_merge_pads_the_shorter_side_on_the_left_and_keep_trims():
+    b = BatchCache()
+    b.merge(cache_of(1, 3, 1.0), 1, 3)
+    b.merge(cache_of(2, 5, 2.0), 2, 5)  # longer: the old row is padded
+    assert b.mask.tolist() == [[0, 0, 1, 1, 1], [1] * 5, [1] * 5]
+    keys = b.cache.layers[0].keys
+    assert keys.shape == (3, 1, 5, 2)
+    assert keys[0, 0, :, 0].tolist() == [0, 0, 1, 1, 1]
+    b.merge(cache_of(1, 2, 3.0), 1, 2)  # shorter: the new row is padded
+    assert b.mask[3].tolist() == [0, 0, 0, 1, 1]
+    assert b.cache.layers[1].keys[3, 0, :, 0].tolist() == [0, 0, 0, 4, 4]
+    b.keep([0, 3])  # drop the long rows: two leading columns are padding everywhere
+    assert b.mask.tolist() == [[1, 1, 1], [0, 1, 1]]
+    assert b.cache.layers[0].keys.shape == (2, 1, 3, 2)
+    b.keep([])
+    assert b.cache is None and b.tokens() == 0
+
+
+def test_truncate_undoes_a_partial_step():
+    b = BatchCache()
+    b.merge(cache_of(2, 4, 1.0), 2, 4)
+    b.cache.layers[0].keys = torch.cat([b.cache.layers[0].keys, b.cache.layers[0].keys[:, :, :1]],
+                                       dim=2)
+    b.cache.layers[0].values = b.cache.layers[0].keys.clone()
+    b.truncate(4)
+    assert all(layer.keys.shape[2] == 4 for layer in b.cache.layers)
+
+
+# --- the engine with the real model -----------------------------------------------------------
+
+
+class Sink:
+    def __init__(self):
+        self.text, self.done, self.final = [], threading.Event(), None
+
+    def started(self, prompt_tokens):
+        pass
+
+    def delta(self, text, completion_tokens, channel="content", index=0, logprobs=None):
+        self.text.append(text)
+
+    def choice_finished(self, index, reason):
+        pass
+
+    def finished(self, reason, prompt_tokens, completion_tokens, reasoning_tokens=0):
+        self.final = reason
+        self.done.set()
+
+    def failed(self, message):
+        self.final = "failed: " + message
+        self.done.set()
+
+
+@pytest.fixture(scope="module")
+def engine():
+    handle = ModelHandle(name=served_model_name())
+    load_model(handle)
+    assert handle.state == "ready", handle.error
+    eng = Engine(handle, max_queued=8, max_num_seqs=8, max_batch_tokens=8192)
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+def eventually(check, seconds: float = 20.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def job(engine, ids: list[int], **kw) -> tuple[GenerationJob, Sink]:
+    t = torch.tensor([ids])
+    sink = Sink()
+    params = SamplingParams(**{"max_new_tokens": 16, "temperature": 0.0, **kw})
+    return GenerationJob("j", threading.Event(), {"input_ids": t,
+                                                  "attention_mask": torch.ones_like(t)},
+                         params, sink), sink
+
+
+def test_a_failing_job_fails_alone(engine):
+    tok = engine.handle.tokenizer
+    ids = tok("The capital of France is")["input_ids"]
+    good, good_sink = job(engine, ids)
+    engine.submit(good)
+    assert good_sink.done.wait(60)
+    alone = "".join(good_sink.text)
+
+    vocab = engine.handle.model.get_input_embeddings().weight.shape[0]
+    bad, bad_sink = job(engine, [vocab + 5])  # out of the embedding table: prefill raises
+    other, other_sink = job(engine, ids)
+    long, long_sink = job(engine, tok("Once upon a time")["input_ids"], max_new_tokens=40)
+    engine.submit(long)
+    engine.submit(bad)
+    engine.submit(other)
+    for s in (bad_sink, other_sink, long_sink):
+        assert s.done.wait(60)
+    assert bad_sink.final.startswith("failed: generation failed in session j")
+    assert "".join(other_sink.text) == alone
+    assert long_sink.final == "length"
+    assert engine.stats()["running"] == 0 and engine.stats()["kv_cache_usage"] == 0
+
+
+def test_budget_holds_a_job_until_room(engine):
+    tok = engine.handle.tokenizer
+    ids = tok("Count: 1, 2, 3,")["input_ids"]
+    # each reserves more than half the budget (prompt + max_new_tokens)
+    a, sa = job(engine, ids, max_new_tokens=5000, ignore_eos=True)
+    b, sb = job(engine, ids, max_new_tokens=5000, ignore_eos=True)
+    engine.submit(a)
+    engine.submit(b)
+    assert eventually(lambda: engine.stats()["running"] == 1)
+    assert engine.stats()["waiting"] == 1
+    a.cancel.set()
+    assert sa.done.wait(30) and sa.final == "cancelled"
+    assert eventually(lambda: engine.stats()["running"] == 1 and not engine.waiting)
+    b.cancel.set()
+    assert sb.done.wait(30)
+
+
+def test_logprob_bytes_join_a_character_split_across_tokens(engine):
+    tok = engine.handle.tokenizer
+    text = "é! 日本"
+    pieces = [token_piece(tok, i) for i in tok(text, add_special_tokens=False)["input_ids"]]
+    assert b"".join(bytes(raw) for _, raw in pieces) == text.encode("utf-8")
+    assert any(t == "\ufffd" for t, _ in pieces)  # some token is only part of a character
