@@ -285,6 +285,26 @@ def test_thinking_is_split_in_stream_and_non_stream(http):
     assert all(not d.get("content") for d in deltas)
 
 
+def test_reasoning_split_holds_next_to_a_plain_session(vl):
+    """A thinking row (starts inside <think>) and a no-thinking row in one batch: each keeps its
+    own split and reasoning token count."""
+    think = {"messages": [{"role": "user", "content": "Think about it."}], "temperature": 0,
+             "max_tokens": 10, "ignore_eos": True}
+    plain = {**think, "chat_template_kwargs": {"enable_thinking": False}}
+
+    def run(body):
+        with httpx.Client(base_url=vl.url, timeout=120) as c:
+            return post(c, body).json()
+
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(run, [think, plain])
+    assert a["choices"][0]["message"]["reasoning_content"] and not a["choices"][0]["message"]["content"]
+    assert a["usage"]["completion_tokens_details"]["reasoning_tokens"] == 10
+    assert b["choices"][0]["message"]["content"] and b["usage"]["completion_tokens_details"][
+        "reasoning_tokens"] == 0
+    assert a == {**run(think), "id": a["id"], "created": a["created"]}
+
+
 def test_enable_thinking_false_gives_plain_content(http):
     body = {"messages": [{"role": "user", "content": "Answer."}], "temperature": 0,
             "max_tokens": 10, "ignore_eos": True,
