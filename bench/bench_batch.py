@@ -28,7 +28,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
-from bench_server import PROMPT, median, raw_baseline  # noqa: E402
+from bench_server import PROMPT, median, print_table, raw_baseline  # noqa: E402
 from conftest import Server  # noqa: E402 - the tests' real-process launcher
 
 # Eight different prompts, so the rows have different lengths (as real traffic does).
@@ -146,10 +146,7 @@ def main() -> None:
         (f"persistence on / off, {args.streams} streams", on["many"] / off["many"],
          f"{on['many']:.1f} / {off['many']:.1f}"),
     ]
-    print(f"\nmedians of {args.runs} rounds, {args.tokens} new tokens per stream, "
-          f"model {os.environ.get('MODEL_REPO_ID') or 'SmolLM2-135M-Instruct (embedded)'}")
-    for name, ratio, detail in rows:
-        print(f"  {name:<58} {'' if ratio is None else f'{ratio:6.3f}':>6}   {detail}")
+    print_table(f"medians of {args.runs} rounds, {args.tokens} new tokens per stream", rows)
 
 
 if __name__ == "__main__":

@@ -151,8 +151,13 @@ def main() -> None:
         ("reconnect after restart (SQLite) / GET /health", disk_resume / health_after,
          f"{disk_resume * 1000:.2f} ms / {health_after * 1000:.2f} ms"),
     ]
-    print(f"\nmedians of {args.runs} runs, {args.tokens} new tokens, "
-          f"model {os.environ.get('MODEL_REPO_ID') or 'SmolLM2-135M-Instruct (embedded)'}")
+    print_table(f"medians of {args.runs} runs, {args.tokens} new tokens", rows)
+
+
+def print_table(title: str, rows: list[tuple[str, float | None, str]]) -> None:
+    """Rows of (figure, ratio or None, detail), under `title` and the model's name."""
+    print(f"\n{title}, model "
+          f"{os.environ.get('MODEL_REPO_ID') or 'SmolLM2-135M-Instruct (embedded)'}")
     for name, ratio, detail in rows:
         print(f"  {name:<58} {'' if ratio is None else f'{ratio:6.3f}':>6}   {detail}")
 
