@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -135,6 +137,42 @@ def template_variables(*templates: Any) -> frozenset[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def gguf_metadata(directory: str, gguf: str) -> tuple[Any, Any]:
+    """(config, tokenizer) of a GGUF file, read from a converted copy when there is one.
+
+    transformers parses the whole GGUF (its 49k-token vocabulary included) for each of config,
+    tokenizer and weights: ~5 s each on a 2-core CPU, most of a server start. The config and
+    tokenizer are saved once in Hugging Face format under the user cache
+    (`$XDG_CACHE_HOME/resumable/<file>-<size>-<mtime>`), keyed so a changed file is converted
+    again; a cache that cannot be written is skipped (logged).
+    """
+    path = os.path.join(directory, gguf)
+    st = os.stat(path)
+    root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                        "resumable")
+    cached = os.path.join(root, f"{gguf}-{st.st_size}-{st.st_mtime_ns}")
+    if os.path.isfile(os.path.join(cached, "config.json")):
+        try:
+            return AutoConfig.from_pretrained(cached), AutoTokenizer.from_pretrained(cached)
+        except Exception as e:  # noqa: BLE001 - a damaged cache is rebuilt below
+            log.warning("ignoring the converted GGUF metadata in %s: %s", cached, e)
+    config = AutoConfig.from_pretrained(directory, gguf_file=gguf)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+    try:
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".convert-", dir=root)
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, cached)  # atomic; a concurrent start may have won: keep theirs
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        log.info("could not cache the GGUF metadata under %s (%s); next start parses it again",
+                 root, e)
+    return config, tokenizer
+
+
 def load_model(handle: ModelHandle) -> None:
     """Load weights, tokenizer and (for vision-language models) processor into `handle`.
 
@@ -147,18 +185,20 @@ def load_model(handle: ModelHandle) -> None:
         common: dict[str, Any] = {"trust_remote_code": settings.trust_remote_code}
         if settings.hf_token:
             common["token"] = settings.hf_token
+        tokenizer = None
         if settings.model_repo_id:
             source, gguf = settings.model_repo_id, None
+            config = AutoConfig.from_pretrained(source, **common)
         else:
             source, gguf = embedded_model_dir(), EMBEDDED_GGUF
             common["gguf_file"] = gguf
-        config = AutoConfig.from_pretrained(source, **common)
+            config, tokenizer = gguf_metadata(source, gguf)
         vision = type(config) in AutoModelForImageTextToText._model_mapping
         model_cls = AutoModelForImageTextToText if vision else AutoModelForCausalLM
         load_kwargs: dict[str, Any] = {"dtype": resolve_dtype(settings.torch_dtype)}
         if settings.device_map:
             load_kwargs["device_map"] = settings.device_map
-        model = model_cls.from_pretrained(source, **common, **load_kwargs)
+        model = model_cls.from_pretrained(source, config=config, **common, **load_kwargs)
         if not settings.device_map:
             model.to("cuda" if torch.cuda.is_available() else "cpu")
         model.eval()
@@ -166,7 +206,7 @@ def load_model(handle: ModelHandle) -> None:
             handle.processor = AutoProcessor.from_pretrained(source, **common)
             handle.tokenizer = handle.processor.tokenizer
         else:
-            handle.tokenizer = AutoTokenizer.from_pretrained(source, **common)
+            handle.tokenizer = tokenizer or AutoTokenizer.from_pretrained(source, **common)
         if handle.tokenizer.chat_template is None and (
                 handle.processor is None or getattr(handle.processor, "chat_template", None) is None):
             raise RuntimeError(f"{served_model_name()} has no chat template; the server needs an "

@@ -12,7 +12,8 @@ from transformers import DynamicCache
 
 from decoding import token_piece
 from engine import BatchCache, Engine, GenerationJob
-from model import ModelHandle, load_model, served_model_name
+import model
+from model import ModelHandle, embedded_model_dir, gguf_metadata, load_model, served_model_name
 from sampling import SamplingParams
 
 # --- the padded batch cache -------------------------------------------------------------------
@@ -154,3 +155,22 @@ def test_logprob_bytes_join_a_character_split_across_tokens(engine):
     pieces = [token_piece(tok, i) for i in tok(text, add_special_tokens=False)["input_ids"]]
     assert b"".join(bytes(raw) for _, raw in pieces) == text.encode("utf-8")
     assert any(t == "\ufffd" for t, _ in pieces)  # some token is only part of a character
+
+
+def test_converted_gguf_metadata_matches_the_gguf(engine, tmp_path, monkeypatch):
+    """The config and tokenizer cached in HF format (model.gguf_metadata) behave as the GGUF's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    directory, gguf = embedded_model_dir(), model.EMBEDDED_GGUF
+    fresh = gguf_metadata(directory, gguf)  # parses the GGUF, writes the cache
+    assert list((tmp_path / "resumable").iterdir())
+    cached = gguf_metadata(directory, gguf)  # reads the cache
+    def settings_of(config):
+        return {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}
+    for config, tokenizer in (fresh, cached):
+        assert settings_of(config) == settings_of(fresh[0])
+        assert tokenizer.get_vocab() == engine.handle.tokenizer.get_vocab()
+        assert tokenizer.chat_template == engine.handle.tokenizer.chat_template
+        text = "Hello wörld 日本 <|im_end|>"
+        assert tokenizer(text)["input_ids"] == engine.handle.tokenizer(text)["input_ids"]
+        assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (
+            engine.handle.tokenizer.eos_token_id, engine.handle.tokenizer.pad_token_id)
