@@ -30,10 +30,10 @@ from starlette.middleware.cors import CORSMiddleware
 
 from engine import Engine
 from model import ModelHandle, load_model, served_model_name
-from routes import (cancel_response, cancel_session, chat_completions, completions, create_response,
-                    delete_response, delete_session, get_session, health, list_models, ready,
-                    response_input_items_route, retrieve_model, retrieve_response, stream_session,
-                    validation_error)
+from routes import (cancel_response, cancel_session, chat_completions, compact_response,
+                    completions, create_response, delete_response, delete_session, get_session,
+                    health, list_models, ready, response_input_items_route, retrieve_model,
+                    retrieve_response, stream_session, validation_error)
 from runtime import Runtime, formatters_for, recover, sweep_loop
 from schemas import APIError, ErrorResponse, error_body, error_response
 from security import APIKeyMiddleware, BodyLimitMiddleware, HostCheckMiddleware, split_list
@@ -215,6 +215,7 @@ def create_app() -> FastAPI:
     app.post("/v1/chat/completions")(chat_completions)
     app.post("/v1/completions")(completions)
     app.post("/v1/responses")(create_response)
+    app.post("/v1/responses/compact", include_in_schema=False)(compact_response)
     app.get("/v1/responses/{response_id}")(retrieve_response)
     app.post("/v1/responses/{response_id}/cancel")(cancel_response)
     app.delete("/v1/responses/{response_id}")(delete_response)

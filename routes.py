@@ -411,6 +411,15 @@ async def retrieve_response(response_id: str, request: Request, stream: bool = F
     return JSONResponse(await current_object(rt, s), headers={"X-Session-Id": s.id})
 
 
+async def compact_response(request: Request):
+    """`POST /v1/responses/compact` (OpenAI's conversation compaction) is not implemented: 404
+    with an OpenAI error, as for any route this server lacks (not 405 from the
+    `/v1/responses/{id}` routes, and not a 5xx, which SDKs would retry)."""
+    raise APIError(404, "POST /v1/responses/compact (conversation compaction) is not supported "
+                        "by this server; continue with previous_response_id instead",
+                   code="unsupported_endpoint")
+
+
 async def cancel_response(response_id: str, request: Request):
     """`POST /v1/responses/{id}/cancel`: idempotent; answers the response object."""
     rt = runtime_of(request)

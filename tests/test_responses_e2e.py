@@ -269,3 +269,15 @@ def test_completions_errors(http, extra, status, param):
 def test_models_list_supported_apis(client):
     model = client.models.list().data[0].model_dump()
     assert model["supported_apis"] == ["chat_completions", "completions", "responses"]
+
+
+def test_compact_is_an_openai_404_not_405(http, client):
+    r = http.post("/v1/responses/compact", json={"model": "m", "input": "hi"})
+    assert r.status_code == 404, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["code"] == "unsupported_endpoint" and "compaction" in err["message"]
+    compact = getattr(client.responses, "compact", None)
+    if compact is not None:  # the SDK's own method gets the same answer, not retried
+        with pytest.raises(openai.NotFoundError):
+            compact(model="m", input="hi")
