@@ -10,9 +10,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import time
 from typing import Any, Protocol
 
 from schemas import error_body, prompt_count
+from settings import settings
 from store import Session
 
 log = logging.getLogger("resumable.formatters")
@@ -403,9 +405,19 @@ class ResponsesFormatter:
             "max_output_tokens": r.get("max_output_tokens"), "model": s.model, "output": [],
             "parallel_tool_calls": False, "previous_response_id": r.get("previous_response_id"),
             "reasoning": {"effort": (r.get("reasoning") or {}).get("effort"), "summary": None},
-            "store": r.get("store", True), "temperature": r.get("temperature"),
-            "text": {"format": {"type": "text"}}, "tool_choice": "none", "tools": [],
-            "top_p": r.get("top_p"), "truncation": "disabled", "usage": None,
+            "store": r.get("store", True),
+            # The values generation used (the spec types them as numbers, never null).
+            "temperature": (r["temperature"] if r.get("temperature") is not None
+                            else settings.temperature),
+            "top_p": r["top_p"] if r.get("top_p") is not None else 1.0,
+            "presence_penalty": 0.0, "frequency_penalty": 0.0,
+            "top_logprobs": r.get("top_logprobs") or 0,
+            "text": {"format": {"type": "text"}, "verbosity": "medium"},
+            "tool_choice": "none", "tools": [], "max_tool_calls": r.get("max_tool_calls"),
+            "truncation": "disabled", "usage": None, "completed_at": None,
+            "service_tier": r.get("service_tier") or "default",
+            "safety_identifier": r.get("safety_identifier"),
+            "prompt_cache_key": r.get("prompt_cache_key"),
             "user": r.get("user"), "metadata": r.get("metadata") or {}}
 
     # --- the fold ----------------------------------------------------------------------------
@@ -523,8 +535,9 @@ class ResponsesFormatter:
         self.pending = 0
         event, status, incomplete = RESPONSE_ENDINGS[reason]
         out = self._close_item("completed" if status == "completed" else "incomplete")
+        done = {"completed_at": int(time.time())} if status == "completed" else {}
         out.append(self._ev(event, response=self._snapshot(
-            status, usage=response_usage(usage), incomplete_details=incomplete)))
+            status, usage=response_usage(usage), incomplete_details=incomplete, **done)))
         return out + [DONE]
 
     def error(self, message: str) -> list[Out]:

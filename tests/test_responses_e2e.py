@@ -281,3 +281,21 @@ def test_compact_is_an_openai_404_not_405(http, client):
     if compact is not None:  # the SDK's own method gets the same answer, not retried
         with pytest.raises(openai.NotFoundError):
             compact(model="m", input="hi")
+
+
+def test_response_object_carries_the_values_used(client):
+    r = client.responses.create(model="m", input="Say hi.", temperature=0, max_output_tokens=200)
+    d = r.model_dump()
+    assert d["status"] == "completed" and d["completed_at"] is not None  # unix seconds
+    assert d["completed_at"] >= d["created_at"]
+    assert d["temperature"] == 0.0 and d["top_p"] == 1.0  # top_p: the default used, not null
+    assert d["presence_penalty"] == d["frequency_penalty"] == 0.0 and d["top_logprobs"] == 0
+    assert d["service_tier"] == "default" and d["text"]["format"] == {"type": "text"}
+    assert d["tools"] == [] and d["tool_choice"] == "none" and d["truncation"] == "disabled"
+    assert client.responses.retrieve(r.id).completed_at == d["completed_at"]
+    chosen = client.responses.create(model="m", input="Hi", max_output_tokens=3,
+                                     temperature=0.5, top_p=0.9, service_tier="auto")
+    assert (chosen.temperature, chosen.top_p, chosen.service_tier) == (0.5, 0.9, "auto")
+    default = client.responses.create(model="m", input="Hi", max_output_tokens=3)
+    assert default.temperature == 1.0  # TEMPERATURE, the server default
+    assert default.status == "incomplete" and default.completed_at is None
