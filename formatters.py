@@ -303,7 +303,9 @@ class CompletionFormatter(ChatFormatter):
                   "top_logprobs": [{**{t["token"]: t["logprob"] for t in e["top_logprobs"]},
                                     e["token"]: e["logprob"]} for e in entries],
                   "text_offset": offsets}
-        self.folds[index].logprobs += self._entries({"logprobs": legacy})
+        self.folds[index].logprobs += [
+            {"token": e["token"], "logprob": e["logprob"], "top_logprobs": top, "offset": offset}
+            for e, top, offset in zip(entries, legacy["top_logprobs"], offsets)]
         return legacy
 
     def _text(self, text: str, finish_reason: str | None = None, index: int = 0,

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from transformers import LogitsProcessor
 
 log = logging.getLogger("resumable.sampling")
 
@@ -44,34 +43,6 @@ class SamplingParams:
     stop: list[str] | None = None
     n: int = 1  # choices per prompt
     logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled token's plus top k
-
-
-# ---------------------------------------------------------------------------------------------
-# OpenAI penalties and logit_bias
-# ---------------------------------------------------------------------------------------------
-
-
-class OpenAIPenalties(LogitsProcessor):
-    """presence_penalty, frequency_penalty and logit_bias as the OpenAI API reference defines
-    them: logits[t] -= count[t] * frequency + (count[t] > 0) * presence, then += bias[t].
-    Counts are over generated tokens only (as vLLM does). scores: (batch, vocab) floats."""
-
-    def __init__(self, prompt_len: int, presence: float, frequency: float,
-                 logit_bias: dict[int, float]):
-        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
-        self.bias_ids = torch.tensor(list(logit_bias.keys()), dtype=torch.long)
-        self.bias_values = torch.tensor(list(logit_bias.values()))
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        generated = input_ids[:, self.prompt_len:]
-        if (self.presence or self.frequency) and generated.shape[1]:
-            counts = torch.zeros_like(scores).scatter_add_(
-                1, generated, torch.ones_like(generated, dtype=scores.dtype))
-            scores = scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
-        if len(self.bias_ids):
-            scores = scores.clone()
-            scores[:, self.bias_ids.to(scores.device)] += self.bias_values.to(scores.device, scores.dtype)
-        return scores
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,14 +87,17 @@ class RowSampler:
         self.seen = set(prompt_ids) if params.repetition_penalty not in (None, 1.0) else None
         self.penalize = bool(params.presence_penalty or params.frequency_penalty)
         self.counts: dict[int, int] = {}  # output token -> times generated
-        self.bias = dict(params.logit_bias)
+        # logit_bias as (ids, values) tensors, made once, moved to the logits' device once
+        self.bias = ((torch.tensor(list(params.logit_bias.keys())),
+                      torch.tensor(list(params.logit_bias.values())))
+                     if params.logit_bias else None)
         self.generated = 0
         self.min_new = params.max_new_tokens if params.ignore_eos else params.min_tokens
 
     @property
     def plain(self) -> bool:
         """Greedy with nothing to change the logits and no logprobs: a batched argmax will do."""
-        return (self.greedy and self.seen is None and not self.penalize and not self.bias
+        return (self.greedy and self.seen is None and not self.penalize and self.bias is None
                 and self.generated >= self.min_new and self.p.logprobs is None)
 
     def __call__(self, logits: torch.Tensor) -> tuple[int, dict[str, Any] | None]:
@@ -151,7 +125,7 @@ class RowSampler:
     def _process(self, logits: torch.Tensor) -> torch.Tensor:
         scores = logits
         if self.seen:
-            ids = torch.tensor(sorted(self.seen), device=scores.device)
+            ids = torch.tensor(list(self.seen), device=scores.device)
             picked = scores[ids]
             rp = self.p.repetition_penalty
             scores = scores.clone()
@@ -163,11 +137,13 @@ class RowSampler:
                                   dtype=scores.dtype)
             scores = scores.clone()
             scores[ids] -= self.p.frequency_penalty * counts + self.p.presence_penalty
-        if self.bias:
+        if self.bias is not None:
+            ids, values = self.bias
+            if ids.device != scores.device or values.dtype != scores.dtype:
+                self.bias = ids, values = ids.to(scores.device), values.to(scores.device,
+                                                                            scores.dtype)
             scores = scores.clone()
-            ids = torch.tensor(list(self.bias.keys()), device=scores.device)
-            scores[ids] += torch.tensor(list(self.bias.values()), device=scores.device,
-                                        dtype=scores.dtype)
+            scores[ids] += values
         if self.generated < self.min_new and self.eos_ids:
             scores = scores.clone()
             scores[[i for i in self.eos_ids if i < len(scores)]] = -math.inf
