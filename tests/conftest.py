@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,6 +84,18 @@ def server(tmp_path_factory):
     srv = Server(tmp_path_factory.mktemp("srv")).start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The official openai SDK against the module's server (no retries: a test sees each try)."""
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
 
 
 # --- SSE reading over raw httpx ---------------------------------------------------------------

@@ -12,7 +12,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import openai
 import pytest
 
 from conftest import Server, metric, read_events
@@ -20,24 +19,6 @@ from conftest import Server, metric, read_events
 STORY = [{"role": "user", "content": "Write a long story about a dragon."}]
 PROMPTS = ["Name three colors.", "What is 2 + 2?", "Say hello in French.",
            "Describe the sea in one sentence."]
-
-
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("batch")).start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def client(srv):
-    return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture
-def http(srv):
-    with httpx.Client(base_url=srv.url, timeout=120) as c:
-        yield c
 
 
 def chat(client, prompt: str, **kw) -> str:
@@ -55,7 +36,7 @@ def together(*calls):
 # --- sessions join a running batch ------------------------------------------------------------
 
 
-def test_a_short_request_finishes_while_a_long_one_runs(srv, client, http):
+def test_a_short_request_finishes_while_a_long_one_runs(server, client, http):
     """With one-at-a-time generation the short request waits behind the long one."""
     long_id = f"long-{time.time_ns()}"
     started = threading.Event()
@@ -183,7 +164,7 @@ def test_n_choices_non_streamed_seeded_and_distinct(client):
     assert r.usage.completion_tokens >= 3  # summed over the choices
 
 
-def test_n_choices_stream_interleaved_and_resumable(srv, http):
+def test_n_choices_stream_interleaved_and_resumable(server, http):
     sid = f"n-{time.time_ns()}"
     body = {"messages": STORY, "n": 2, "temperature": 0.9, "seed": 11, "max_tokens": 30,
             "stream": True, "session_id": sid, "stream_options": {"include_usage": True}}

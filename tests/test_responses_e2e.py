@@ -15,17 +15,6 @@ from conftest import read_events
 LONG = {"ignore_eos": True}  # vLLM extension: generate exactly max_output_tokens
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
-
-
 def sid() -> str:
     return "r-" + uuid.uuid4().hex
 
