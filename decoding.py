@@ -1,13 +1,18 @@
 """Token ids to typed text pieces: pure, unit-tested without a model.
 
 `IncrementalDecoder` (UTF-8-safe deltas), `StopMatcher` (OpenAI `stop`), `ReasoningParser`
-(`<think>` blocks), and `TextPipeline`, the three chained for one sequence:
-`push(token_id) -> [(channel, text)]` with channel `content` or `reasoning`.
+(`<think>` blocks), `ToolCallParser` (tool calls in the content, by `ToolFormat`), and
+`TextPipeline`, the four chained for one sequence: `push(token_id) -> [(channel, text)]` with
+channel `content`, `reasoning`, `tool_call` (a call begins; text is the function name) or
+`tool_arguments` (an increment of the current call's arguments JSON).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+from dataclasses import dataclass
 
 log = logging.getLogger("resumable.decoding")
 
@@ -210,7 +215,239 @@ class ReasoningParser:
 
 
 # ---------------------------------------------------------------------------------------------
-# One sequence's text: decoder -> stop matcher -> reasoning parser
+# Tool calls
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ToolFormat:
+    """How a model family writes tool calls, named as vLLM names its tool parsers.
+
+    `hermes`: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, one tag per call
+    (Hermes 2 Pro, Qwen2.5, Qwen3, Qwen3-VL chat templates). `smollm2`: one tag holding a JSON
+    list of calls, `<tool_call>[{"name": ..., "arguments": {...}}, ...]</tool_call>` (the
+    format SmolLM2-Instruct was trained on; its template has no tools, so the server writes the
+    tool prompt). The parser reads either body shape under either name; `listed` decides the
+    shape the server asks for and enforces (grammar).
+    """
+
+    name: str
+    listed: bool
+    open: str = "<tool_call>"
+    close: str = "</tool_call>"
+
+
+TOOL_FORMATS = {"hermes": ToolFormat("hermes", listed=False),
+                "smollm2": ToolFormat("smollm2", listed=True)}
+
+
+class _JsonScan:
+    """Finds where one JSON value ends in text fed piece by piece (tracks strings, escapes and
+    nesting; a bare number or literal ends before the first delimiter after it)."""
+
+    def __init__(self):
+        self.depth, self.in_string, self.escape, self.started = 0, False, False, False
+
+    def feed(self, text: str) -> int | None:
+        """The index in `text` just past the value's end, or None if it has not ended."""
+        for i, c in enumerate(text):
+            if self.in_string:
+                if self.escape:
+                    self.escape = False
+                elif c == "\\":
+                    self.escape = True
+                elif c == '"':
+                    self.in_string = False
+                    if self.depth == 0:
+                        return i + 1
+            elif c == '"':
+                self.in_string = self.started = True
+            elif c in "{[":
+                self.depth += 1
+                self.started = True
+            elif c in "}]":
+                self.depth -= 1
+                if self.depth <= 0:
+                    return i + 1
+            elif self.started and self.depth == 0 and (c in ",:" or c.isspace()):
+                return i
+            elif not c.isspace():
+                self.started = True
+        return None
+
+
+# The start of a call written name first: from here on its arguments can stream.
+_CALL_HEAD = re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
+
+
+class ToolCallParser:
+    """Splits content into text and tool calls: `feed(text) -> [(channel, text)]`.
+
+    Channels: `content`; `tool_call` (a call begins, text = the function name); and
+    `tool_arguments` (the next piece of that call's arguments, exactly the JSON text the model
+    wrote, so the pieces join to the arguments string). A call written `{"name": ..,
+    "arguments": ..}` streams its arguments as they come; any other key order is read whole
+    when its object closes. Text that only looks like a call (the open tag followed by no JSON
+    object, a function not in `names`, JSON that does not parse) is given back as content.
+    """
+
+    def __init__(self, fmt: ToolFormat, names: set[str]):
+        self.fmt, self.names = fmt, names
+        self.state = "text"
+        self.buf = ""  # unconsumed text
+        self.raw = ""  # text since the open tag, given back as content if no call comes of it
+        self.calls_in_tag = 0
+        self.listed = False
+        self.obj, self.obj_scan, self.args_scan = "", _JsonScan(), None
+        self.whole = self.args_done = False
+        self.calls = 0
+
+    def feed(self, text: str) -> list[tuple[str, str]]:
+        self.buf += text
+        out: list[tuple[str, str]] = []
+        while self.buf and getattr(self, "_" + self.state)(out):
+            pass
+        return out
+
+    def flush(self) -> list[tuple[str, str]]:
+        """At the end of generation: an unfinished tag with no call yet is content."""
+        out: list[tuple[str, str]] = []
+        if self.state == "text":
+            text = self.buf
+        elif self.calls_in_tag == 0:
+            text = self.raw + self.obj + self.buf
+        else:
+            text = ""
+        self.buf = ""
+        if text:
+            out.append(("content", text))
+        return out
+
+    # --- states: each consumes from self.buf; True when it made progress ---------------------
+
+    def _text(self, out: list[tuple[str, str]]) -> bool:
+        at = self.buf.find(self.fmt.open)
+        if at >= 0:
+            if at:
+                out.append(("content", self.buf[:at]))
+            self.raw, self.buf = self.fmt.open, self.buf[at + len(self.fmt.open):]
+            self.state, self.calls_in_tag, self.listed = "body", 0, False
+            return True
+        keep = next((k for k in range(min(len(self.fmt.open) - 1, len(self.buf)), 0, -1)
+                     if self.buf.endswith(self.fmt.open[:k])), 0)
+        if len(self.buf) > keep:
+            out.append(("content", self.buf[:len(self.buf) - keep]))
+            self.buf = self.buf[len(self.buf) - keep:]
+        return False
+
+    def _body(self, out: list[tuple[str, str]]) -> bool:
+        """After the open tag (or a list's comma): a call object, or `[` opening a list."""
+        stripped = self.buf.lstrip()
+        if not stripped:
+            self.raw, self.buf = self.raw + self.buf, ""
+            return False
+        self.raw += self.buf[:len(self.buf) - len(stripped)]
+        if stripped[0] == "[" and not self.listed and self.calls_in_tag == 0:
+            self.listed, self.raw, self.buf = True, self.raw + "[", stripped[1:]
+            return True
+        if stripped[0] == "]" and self.listed:  # an empty list: "no call needed"
+            self.state, self.buf = "after", stripped
+            return True
+        if stripped[0] != "{":
+            return self._give_back(out, stripped)
+        self.state, self.buf = "object", stripped
+        self.obj, self.obj_scan, self.args_scan = "", _JsonScan(), None
+        self.whole = self.args_done = False
+        return True
+
+    def _object(self, out: list[tuple[str, str]]) -> bool:
+        """Inside one call's object: stream its arguments once the name is known."""
+        end = self.obj_scan.feed(self.buf)
+        piece, self.buf = (self.buf, "") if end is None else (self.buf[:end], self.buf[end:])
+        start = len(self.obj)
+        self.obj += piece
+        if self.args_scan is None and not self.whole:
+            head = _CALL_HEAD.match(self.obj)
+            value = self.obj[head.end():].lstrip() if head else ""
+            if value:
+                name = json.loads(head.group(1))
+                # Arguments written as a JSON string are decoded whole, not streamed raw.
+                if name in self.names and value[0] != '"':
+                    self._begin_call(out, name)
+                    self.args_scan, start = _JsonScan(), len(self.obj) - len(value)
+                else:
+                    self.whole = True
+        if self.args_scan is not None and not self.args_done and start < len(self.obj):
+            text = self.obj[start:]
+            stop = self.args_scan.feed(text)
+            if stop is not None:
+                text, self.args_done = text[:stop], True
+            if text:
+                out.append(("tool_arguments", text))
+        if end is None:
+            return False
+        if self.args_scan is None:  # not streamable: read the whole object
+            return self._whole_object(out)
+        self.state = "after"
+        return True
+
+    def _whole_object(self, out: list[tuple[str, str]]) -> bool:
+        try:
+            call = json.loads(self.obj)
+        except ValueError:
+            call = None
+        if not (isinstance(call, dict) and call.get("name") in self.names):
+            return self._give_back(out, self.obj + self.buf, consumed=False)
+        arguments = call.get("arguments", call.get("parameters", {}))
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        self._begin_call(out, call["name"])
+        out.append(("tool_arguments", arguments))
+        self.state = "after"
+        return True
+
+    def _begin_call(self, out: list[tuple[str, str]], name: str) -> None:
+        out.append(("tool_call", name))
+        self.calls_in_tag += 1
+        self.calls += 1
+
+    def _after(self, out: list[tuple[str, str]]) -> bool:
+        """After a call's object: `,` or `]` in a list, then the close tag."""
+        stripped = self.buf.lstrip()
+        if not stripped:
+            self.buf = ""
+            return False
+        if self.listed and stripped[0] == ",":
+            self.state, self.buf = "body", stripped[1:]
+            return True
+        if self.listed and stripped[0] == "]":
+            self.listed, self.buf = False, stripped[1:]
+            return True
+        close = self.fmt.close
+        if stripped.startswith(close):
+            self.state, self.buf = "text", stripped[len(close):]
+            return True
+        if close.startswith(stripped):
+            self.buf = stripped
+            return False  # maybe the close tag, split
+        # Something else after a call: plain text again.
+        self.state, self.buf = "text", stripped
+        return True
+
+    def _give_back(self, out: list[tuple[str, str]], rest: str, consumed: bool = True) -> bool:
+        """Not a tool call after all: what was held is content; scanning resumes after the
+        open tag (another tag may follow)."""
+        if self.calls_in_tag:
+            self.state, self.buf = "text", rest
+            return True
+        held = self.raw
+        self.state, self.buf = "text", held[len(self.fmt.open):] + rest
+        out.append(("content", self.fmt.open))
+        return True
+
+
+# ---------------------------------------------------------------------------------------------
+# One sequence's text: decoder -> stop matcher -> reasoning parser -> tool-call parser
 # ---------------------------------------------------------------------------------------------
 
 
@@ -220,13 +457,16 @@ class TextPipeline:
     `push(token_id)` -> [(channel, text)], channel "content" or "reasoning"; `flush()` at the
     end. `stopped` turns True once a stop string matched (the engine then ends the sequence);
     `reasoning_tokens` counts tokens that opened, continued or closed the think block.
-    `starts_in_reasoning=None` means no reasoning split (everything is content).
+    `starts_in_reasoning=None` means no reasoning split (everything is content); `tools`, a
+    parser for the content's tool calls (`tool_call` and `tool_arguments` pieces).
     """
 
-    def __init__(self, tokenizer, stop: list[str] | None, starts_in_reasoning: bool | None):
+    def __init__(self, tokenizer, stop: list[str] | None, starts_in_reasoning: bool | None,
+                 tools: ToolCallParser | None = None):
         self.decoder = IncrementalDecoder(tokenizer)
         self.matcher = StopMatcher(stop)
         self.parser = None if starts_in_reasoning is None else ReasoningParser(starts_in_reasoning)
+        self.tools = tools
         self.reasoning_tokens = 0
 
     @property
@@ -246,5 +486,12 @@ class TextPipeline:
 
     def _split(self, text: str, final: bool = False) -> list[tuple[str, str]]:
         if self.parser is None:
-            return [("content", text)] if text else []
-        return self.parser.feed(text) + (self.parser.flush() if final else [])
+            parts = [("content", text)] if text else []
+        else:
+            parts = self.parser.feed(text) + (self.parser.flush() if final else [])
+        if self.tools is None:
+            return parts
+        out: list[tuple[str, str]] = []
+        for channel, piece in parts:
+            out += self.tools.feed(piece) if channel == "content" else [(channel, piece)]
+        return out + (self.tools.flush() if final else [])

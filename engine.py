@@ -26,7 +26,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from decoding import TextPipeline, token_piece
+from decoding import TextPipeline, ToolCallParser, ToolFormat, token_piece
 from model import ModelHandle
 from sampling import RowSampler, SamplingParams, row_seed
 from telemetry import (COMPLETION_TOKENS, GENERATIONS_STARTED, INTER_TOKEN_LATENCY,
@@ -73,6 +73,8 @@ class GenerationJob:
     # None: no reasoning split; else whether the prompt already opened the think block.
     starts_in_reasoning: bool | None = None
     more_inputs: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    # Tool calls to parse out of the content: (format, function names offered).
+    tools: tuple[ToolFormat, frozenset[str]] | None = None
     submitted_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -445,7 +447,8 @@ class Engine:
                    sampler=RowSampler(p, prompt, self.handle.eos_token_ids,
                                       row_seed(p.seed, index % p.n if p.n else 0),
                                       self._token_text),
-                   text=TextPipeline(self.handle.tokenizer, p.stop, job.starts_in_reasoning))
+                   text=TextPipeline(self.handle.tokenizer, p.stop, job.starts_in_reasoning,
+                                     ToolCallParser(*job.tools) if job.tools else None))
 
     def _token_text(self, token: int) -> tuple[str, list[int]]:
         piece = self.token_text.get(token)
@@ -555,10 +558,9 @@ class Engine:
 
     def _finish_reason(self, row: Row, token: int) -> str | None:
         p = row.job.job.params
-        if row.text.stopped:
-            return "stop"
-        if token in self.handle.eos_token_ids:  # masked while min_tokens are not reached
-            return "stop"
+        if row.text.stopped or token in self.handle.eos_token_ids:  # EOS: after min_tokens
+            # A turn that called tools ends for them (OpenAI's finish_reason "tool_calls").
+            return "tool_calls" if row.text.tools and row.text.tools.calls else "stop"
         if row.completion_tokens >= p.max_new_tokens:
             return "length"
         return None

@@ -94,12 +94,30 @@ class Formatter(Protocol):
 
 
 class ChoiceFold:
-    """What one choice has said so far: text per channel, logprob entries, finish_reason."""
+    """What one choice has said so far: text per channel, tool calls (chat shape), logprob
+    entries, finish_reason."""
 
     def __init__(self):
         self.texts: dict[str, list[str]] = {"content": [], "reasoning": []}
+        self.tool_calls: list[dict[str, Any]] = []
         self.logprobs: list[dict[str, Any]] = []
         self.finish_reason: str | None = None
+
+    def add_tool_call(self, delta: dict[str, Any]) -> None:
+        """Fold one `delta.tool_calls[i]` (the first of a call carries its id and name)."""
+        if delta.get("id"):
+            self.tool_calls.append({"id": delta["id"], "type": "function",
+                                    "function": {"name": delta["function"]["name"],
+                                                 "arguments": ""}})
+        if self.tool_calls:
+            self.tool_calls[-1]["function"]["arguments"] += (
+                delta.get("function") or {}).get("arguments") or ""
+
+
+def call_id(session_id: str, index: int, k: int) -> str:
+    """The id of choice `index`'s `k`-th tool call: derived from the session, so a replay or
+    a restart's rebuild gives the same id (OpenAI's look like `call_...`)."""
+    return f"call_{session_id}_{index}_{k}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,6 +141,7 @@ class ChatFormatter:
 
     def __init__(self, s: Session):
         self.include_usage = bool((s.request.get("stream_options") or {}).get("include_usage"))
+        self.session_id = s.id
         self.base = {"id": f"chatcmpl-{s.id}", "object": "chat.completion.chunk",
                      "created": int(s.created), "model": s.model,
                      "system_fingerprint": SYSTEM_FINGERPRINT}
@@ -189,11 +208,23 @@ class ChatFormatter:
 
     def delta(self, text: str, channel: str = "content", index: int = 0,
               logprobs: list[dict[str, Any]] | None = None) -> list[Out]:
-        """A content chunk, or for channel "reasoning" a `reasoning_content` chunk (vLLM's
-        field)."""
+        """A content chunk; for channel "reasoning" a `reasoning_content` chunk (vLLM's
+        field); for "tool_call" the first `delta.tool_calls` chunk of a call (id, name, empty
+        arguments) and for "tool_arguments" the next piece of its arguments (OpenAI API
+        reference, chat streaming: tool_calls)."""
         fold = self.folds[index]
-        fold.texts["reasoning" if channel == "reasoning" else "content"].append(text)
         fold.logprobs += logprobs or []
+        if channel == "tool_call":
+            call = {"index": len(fold.tool_calls), "id": call_id(self.session_id, index,
+                                                                 len(fold.tool_calls)),
+                    "type": "function", "function": {"name": text, "arguments": ""}}
+            fold.add_tool_call(call)
+            return [self._chunk({"tool_calls": [call]}, None, index, logprobs)]
+        if channel == "tool_arguments":
+            call = {"index": len(fold.tool_calls) - 1, "function": {"arguments": text}}
+            fold.add_tool_call(call)
+            return [self._chunk({"tool_calls": [call]}, None, index, logprobs)]
+        fold.texts["reasoning" if channel == "reasoning" else "content"].append(text)
         field = "reasoning_content" if channel == "reasoning" else "content"
         return [self._chunk({field: text}, None, index, logprobs)]
 
@@ -225,6 +256,8 @@ class ChatFormatter:
                 content, thought = self._texts(choice)
                 fold.texts["content"].append(content)
                 fold.texts["reasoning"].append(thought)
+                for call in (choice.get("delta") or {}).get("tool_calls") or []:
+                    fold.add_tool_call(call)
                 fold.logprobs += self._entries(choice)
                 fold.finish_reason = fold.finish_reason or choice.get("finish_reason")
         return self._object(s, folds)
@@ -236,8 +269,12 @@ class ChatFormatter:
     def _object(self, s: Session, folds: list[ChoiceFold]) -> dict[str, Any]:
         choices = []
         for i, fold in enumerate(folds):
-            message = {"role": "assistant", "content": "".join(fold.texts["content"]),
+            content = "".join(fold.texts["content"])
+            message = {"role": "assistant",
+                       "content": None if fold.tool_calls and not content else content,
                        "refusal": None}
+            if fold.tool_calls:
+                message["tool_calls"] = copy.deepcopy(fold.tool_calls)
             if any(fold.texts["reasoning"]):
                 message["reasoning_content"] = "".join(fold.texts["reasoning"])
             logprobs = ({"content": fold.logprobs, "refusal": None} if self.with_logprobs
@@ -368,6 +405,7 @@ RESPONSE_ENDINGS = {
     "length": ("response.incomplete", "incomplete", {"reason": "max_output_tokens"}),
     "cancelled": ("response.cancelled", "cancelled", None),
     "interrupted": ("response.incomplete", "incomplete", {"reason": "interrupted"}),
+    "tool_calls": ("response.completed", "completed", None),
 }
 
 
@@ -380,6 +418,19 @@ def response_usage(usage: dict[str, Any] | None) -> dict[str, Any] | None:
             "output_tokens_details": {"reasoning_tokens": usage.get(
                 "completion_tokens_details", {}).get("reasoning_tokens", 0)},
             "total_tokens": usage["total_tokens"]}
+
+
+def function_tool(tool: dict[str, Any]) -> dict[str, Any]:
+    """A request's function tool as the Response object lists it (every field present)."""
+    return {"type": "function", "name": tool.get("name"),
+            "description": tool.get("description"), "parameters": tool.get("parameters"),
+            "strict": tool.get("strict")}
+
+
+def text_format(text: Any) -> dict[str, Any]:
+    """The Response object's `text.format`: the request's, else plain text."""
+    fmt = text.get("format") if isinstance(text, dict) else None
+    return fmt if isinstance(fmt, dict) else {"type": "text"}
 
 
 class ResponsesFormatter:
@@ -405,7 +456,8 @@ class ResponsesFormatter:
             "status": "queued", "background": bool(r.get("background")), "error": None,
             "incomplete_details": None, "instructions": r.get("instructions"),
             "max_output_tokens": r.get("max_output_tokens"), "model": s.model, "output": [],
-            "parallel_tool_calls": False, "previous_response_id": r.get("previous_response_id"),
+            "parallel_tool_calls": r.get("parallel_tool_calls") is not False,
+            "previous_response_id": r.get("previous_response_id"),
             "reasoning": {"effort": (r.get("reasoning") or {}).get("effort"), "summary": None},
             "store": r.get("store", True),
             # The values generation used (the spec types them as numbers, never null).
@@ -414,8 +466,10 @@ class ResponsesFormatter:
             "top_p": r["top_p"] if r.get("top_p") is not None else 1.0,
             "presence_penalty": 0.0, "frequency_penalty": 0.0,
             "top_logprobs": r.get("top_logprobs") or 0,
-            "text": {"format": {"type": "text"}, "verbosity": "medium"},
-            "tool_choice": "none", "tools": [], "max_tool_calls": r.get("max_tool_calls"),
+            "text": {"format": text_format(r.get("text")), "verbosity": "medium"},
+            "tool_choice": r.get("tool_choice") or ("auto" if r.get("tools") else "none"),
+            "tools": [function_tool(t) for t in r.get("tools") or []],
+            "max_tool_calls": r.get("max_tool_calls"),
             "truncation": "disabled", "usage": None, "completed_at": None,
             "service_tier": r.get("service_tier") or "default",
             "safety_identifier": r.get("safety_identifier"),
@@ -431,7 +485,9 @@ class ResponsesFormatter:
 
     def _apply(self, ev: dict[str, Any]) -> None:
         event_type, output = ev["type"], self.response["output"]
-        if event_type in ("response.output_text.delta", "response.reasoning_text.delta"):
+        if event_type == "response.function_call_arguments.delta":
+            output[ev["output_index"]]["arguments"] += ev["delta"]
+        elif event_type in ("response.output_text.delta", "response.reasoning_text.delta"):
             part = output[ev["output_index"]]["content"][ev["content_index"]]
             part["text"] += ev["delta"]
             if ev.get("logprobs"):
@@ -497,11 +553,26 @@ class ResponsesFormatter:
                 self._ev("response.content_part.added", item_id=item["id"], output_index=index,
                          content_index=0, part=part)]
 
+    def _open_call(self, name: str) -> list[Out]:
+        output = self.response["output"]
+        calls = sum(1 for item in output if item["type"] == "function_call")
+        item = {"id": f"fc_{self.s.id}_{len(output)}", "type": "function_call",
+                "status": "in_progress", "call_id": call_id(self.s.id, 0, calls), "name": name,
+                "arguments": ""}
+        return [self._ev("response.output_item.added", output_index=len(output), item=item)]
+
     def _close_item(self, status: str) -> list[Out]:
         item = self._open()
         if item is None:
             return []
-        index, part = len(self.response["output"]) - 1, item["content"][0]
+        index = len(self.response["output"]) - 1
+        if item["type"] == "function_call":
+            return [self._ev("response.function_call_arguments.done", item_id=item["id"],
+                             output_index=index, name=item["name"],
+                             arguments=item["arguments"]),
+                    self._ev("response.output_item.done", output_index=index,
+                             item={**copy.deepcopy(item), "status": status})]
+        part = item["content"][0]
         reasoning = item["type"] == "reasoning"
         where = {"item_id": item["id"], "output_index": index, "content_index": 0}
         done = (self._ev("response.reasoning_text.done", **where, text=part["text"]) if reasoning
@@ -513,12 +584,19 @@ class ResponsesFormatter:
 
     def delta(self, text: str, channel: str = "content", index: int = 0,
               logprobs: list[dict[str, Any]] | None = None) -> list[Out]:
-        """Text of the one output (`index` is always 0: Responses has no `n`)."""
+        """Text of the one output (`index` is always 0: Responses has no `n`); a tool call
+        is a `function_call` item whose arguments stream as
+        `response.function_call_arguments.delta` events."""
         self.pending = 0
         reasoning = channel == "reasoning"
         out: list[Out] = []
         item = self._open()
-        if item is None or (item["type"] == "reasoning") != reasoning:
+        if channel == "tool_call":
+            return self._close_item("completed") + self._open_call(text)
+        if channel == "tool_arguments":
+            return [self._ev("response.function_call_arguments.delta", item_id=item["id"],
+                             output_index=len(self.response["output"]) - 1, delta=text)]
+        if item is None or item["type"] != ("reasoning" if reasoning else "message"):
             out += self._close_item("completed") + self._open_item(reasoning)
             item = self._open()
         where = {"item_id": item["id"], "output_index": len(self.response["output"]) - 1,

@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,10 +17,10 @@ import jinja2.meta
 import torch
 from transformers.video_utils import VideoMetadata
 
-from decoding import prompt_opens_thinking
+from decoding import TOOL_FORMATS, ToolFormat, prompt_opens_thinking
 from media import MediaError, MediaLimits, Video, decode_image, decode_video, load_bytes
 from model import ModelHandle
-from sampling import SamplingParams
+from sampling import Grammar, GrammarError, SamplingParams, grammar_tokenizer
 from schemas import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest,
                      OpenAISampling, ResponsesRequest, Sampling, prompt_count)
 from settings import settings
@@ -87,33 +88,26 @@ def unsupported(param: str, message: str, value: bool = False) -> APIError:
 def refuse_unsupported(req: ChatCompletionRequest) -> None:
     """400 naming the first known chat field or value this server cannot honour (yet)."""
     check_rows("n", req.n or 1)
-    for name in ("tools", "functions", "prediction", "web_search_options", "audio",
-                 "reasoning_effort"):
+    for name in ("functions", "prediction", "web_search_options", "audio", "reasoning_effort"):
         # Present is a request for the feature ({} turns web search on); an empty tool list
         # asks for nothing.
         if getattr(req, name) is not None and getattr(req, name) != []:
             raise unsupported(name, f"'{name}' is not supported by this server")
-    if req.tool_choice not in (None, "none"):
-        raise unsupported("tool_choice", "'tool_choice' other than 'none' is not supported by "
-                                         "this server (no tool calling)", True)
     if req.function_call not in (None, "none"):
         raise unsupported("function_call", "'function_call' other than 'none' is not supported "
                                            "by this server", True)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
-    if req.response_format and req.response_format.get("type") not in (None, "text"):
-        raise unsupported("response_format", f"response_format type "
-                                             f"{req.response_format.get('type')!r} is not "
-                                             f"supported (only 'text')", True)
     if req.modalities and set(req.modalities) - {"text"}:
         raise unsupported("modalities", "only the 'text' output modality is supported", True)
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed when stream is true",
                        param="stream_options")
     for i, m in enumerate(req.messages):
-        if m.role in ("tool", "function") or m.tool_calls:
-            raise unsupported(f"messages[{i}]", "tool and function messages are not supported "
-                                                "by this server", True)
+        if m.role == "function":
+            raise unsupported(f"messages[{i}].role", "'function' messages (the deprecated "
+                                                     "functions API) are not supported: use "
+                                                     "tools and 'tool' messages", True)
 
 
 def check_rows(param: str, rows: int) -> None:
@@ -137,35 +131,21 @@ def refuse_unsupported_completion(req: CompletionRequest) -> None:
     check_rows("n", (req.n or 1) * prompt_count(req.prompt))
 
 
-UNSUPPORTED_ITEM_TYPES = {"function_call", "function_call_output", "file_search_call",
+UNSUPPORTED_ITEM_TYPES = {"file_search_call",
                            "web_search_call", "computer_call", "computer_call_output",
                            "code_interpreter_call", "image_generation_call", "local_shell_call",
                            "mcp_call", "mcp_list_tools", "custom_tool_call", "item_reference"}
-
-
-def text_format_type(text: Any) -> str:
-    """`text.format.type` of a Responses request ("text" when absent); 400 if malformed."""
-    fmt = (text or {}).get("format") if isinstance(text, dict) or text is None else text
-    if fmt is None:
-        return "text"
-    if not isinstance(fmt, dict) or not isinstance(fmt.get("type", "text"), str):
-        raise APIError(400, "text.format must be an object with a type", param="text.format")
-    return fmt.get("type", "text")
 
 
 def refuse_unsupported_response(body: ResponsesRequest) -> None:
     """400 (unsupported_parameter / unsupported_value) naming the first known Responses
     feature this server does not implement."""
     checks = [  # (param, refused, what, a value of a known field)
-        ("tools", bool(body.tools), "tools and function calling", False),
-        ("tool_choice", body.tool_choice not in (None, "none", "auto"), "tool_choice", True),
         ("conversation", body.conversation is not None, "conversation objects", False),
         ("prompt", body.prompt is not None, "prompt templates", False),
         ("include", bool(set(body.include or []) - {"message.output_text.logprobs"}),
          "include values other than message.output_text.logprobs", True),
         ("truncation", body.truncation not in (None, "disabled"), "truncation 'auto'", True),
-        ("text.format", text_format_type(body.text) != "text",
-         "structured output (text.format other than text)", True),
         ("reasoning.summary", (body.reasoning or {}).get("summary") is not None,
          "reasoning summaries", True),
     ]
@@ -228,17 +208,26 @@ def chat_messages(messages: list[ChatMessage], handle: ModelHandle) -> list[dict
                 raise APIError(400, f"unsupported content part type {part_type!r}", param=f"{param}.type")
         role = "system" if m.role == "developer" else m.role
         if handle.processor is not None:
-            out.append({"role": role, "content": content})
+            message = {"role": role, "content": content}
         else:
-            out.append({"role": role, "content": "".join(p["text"] for p in content)})
+            message = {"role": role, "content": "".join(p["text"] for p in content)}
+        if m.tool_calls:
+            message["tool_calls"] = template_tool_calls(m.tool_calls, f"messages[{i}].tool_calls")
+        if m.role == "tool":
+            if not m.tool_call_id:
+                raise APIError(400, f"messages[{i}]: a tool message needs tool_call_id",
+                               param=f"messages[{i}].tool_call_id")
+            message["tool_call_id"] = m.tool_call_id
+        out.append(message)
     return out
 
 
 def response_input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
-    """`input` as a list of message items `{"type": "message", "role", "content": [parts]}`.
+    """`input` as a list of items: messages `{"type": "message", "role", "content": [parts]}`,
+    `function_call` {call_id, name, arguments} and `function_call_output` {call_id, output}.
 
-    Raises APIError 400: unsupported_value for tool and file items/parts, plain for shapes
-    it cannot read.
+    Raises APIError 400: unsupported_value for other tool items and file parts, plain for
+    shapes it cannot read.
     """
     raw = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
     items = []
@@ -249,10 +238,28 @@ def response_input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
                                                   f"supported by this server", True)
         if item_type == "reasoning":
             continue  # earlier reasoning is context the chat templates drop anyway
+        if item_type == "function_call":
+            if not all(isinstance(item.get(k), str) for k in ("call_id", "name", "arguments")):
+                raise APIError(400, f"input[{i}]: a function_call item needs call_id, name and "
+                                    f"arguments strings", param=f"input[{i}]")
+            items.append({"type": "function_call", "call_id": item["call_id"],
+                          "name": item["name"], "arguments": item["arguments"]})
+            continue
+        if item_type == "function_call_output":
+            output = item.get("output")
+            if isinstance(output, list):
+                output = "".join(p.get("text", "") for p in output if isinstance(p, dict))
+            if not isinstance(item.get("call_id"), str) or not isinstance(output, str):
+                raise APIError(400, f"input[{i}]: a function_call_output item needs call_id and "
+                                    f"output", param=f"input[{i}]")
+            items.append({"type": "function_call_output", "call_id": item["call_id"],
+                          "output": output})
+            continue
         if item_type != "message" or item.get("role") not in ("user", "assistant", "system",
                                                           "developer"):
             raise APIError(400, f"input[{i}] must be a message with role user, assistant, system "
-                                f"or developer", param=f"input[{i}]")
+                                f"or developer, a function_call or a function_call_output",
+                           param=f"input[{i}]")
         content = item.get("content")
         parts = [{"type": "input_text", "text": content}] if isinstance(content, str) else content
         if not isinstance(parts, list):
@@ -270,9 +277,22 @@ def response_input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
 
 
 def item_messages(items: list[dict[str, Any]]) -> list[ChatMessage]:
-    """Message items to chat messages: input_text/output_text become text parts."""
-    out = []
+    """Input items to chat messages: input_text/output_text become text parts; function calls
+    join the assistant turn before them as `tool_calls`; outputs become `tool` messages."""
+    out: list[ChatMessage] = []
     for item in items:
+        if item["type"] == "function_call":
+            call = {"id": item["call_id"], "type": "function",
+                    "function": {"name": item["name"], "arguments": item["arguments"]}}
+            if out and out[-1].role == "assistant":
+                out[-1].tool_calls = (out[-1].tool_calls or []) + [call]
+            else:
+                out.append(ChatMessage(role="assistant", content=None, tool_calls=[call]))
+            continue
+        if item["type"] == "function_call_output":
+            out.append(ChatMessage(role="tool", content=item["output"],
+                                   tool_call_id=item["call_id"]))
+            continue
         parts = []
         for part in item["content"]:
             if part.get("type") in ("input_text", "output_text", "text"):
@@ -471,6 +491,244 @@ def starts_in_reasoning(handle: ModelHandle, inputs: dict[str, torch.Tensor]) ->
     return prompt_opens_thinking(tail)
 
 
+
+# ---------------------------------------------------------------------------------------------
+# Tools and structured output
+# ---------------------------------------------------------------------------------------------
+
+
+TOOL_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass
+class ToolSpec:
+    """A request's tools, one shape for chat and Responses: `functions` as
+    {"name", "description", "parameters"}; `choice` "auto", "required" or a function name;
+    `parallel`: more than one call allowed (enforced where a grammar applies)."""
+
+    functions: list[dict[str, Any]]
+    choice: str
+    parallel: bool
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(f["name"] for f in self.functions)
+
+
+def tool_spec(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: bool | None,
+              flat: bool) -> ToolSpec | None:
+    """The request's function tools, checked; None when no tool may be called (no tools, or
+    tool_choice "none": the tools then stay out of the prompt too). `flat`: Responses' shape
+    ({"type": "function", "name", ...}), else chat's ({"type": "function", "function": {...}}).
+    Raises APIError 400 for other tool types, bad names or a tool_choice naming no tool."""
+    if not tools:
+        if tool_choice not in (None, "none", "auto"):
+            raise APIError(400, "tool_choice needs tools", param="tool_choice")
+        return None
+    functions = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise unsupported(f"tools[{i}].type", f"tools of type "
+                                                  f"{(tool or {}).get('type')!r} are not "
+                                                  f"supported: only 'function'", True)
+        fn = tool if flat else tool.get("function")
+        if not isinstance(fn, dict) or not TOOL_NAME_RE.match(str(fn.get("name", ""))):
+            raise APIError(400, f"tools[{i}] needs a function name of 1-64 letters, digits, "
+                                f"'_' or '-'", param=f"tools[{i}]")
+        parameters = fn.get("parameters") or {"type": "object", "properties": {}}
+        if not isinstance(parameters, dict):
+            raise APIError(400, f"tools[{i}] parameters must be a JSON schema object",
+                           param=f"tools[{i}]")
+        functions.append({"name": fn["name"], "description": fn.get("description") or "",
+                          "parameters": parameters})
+    if tool_choice in (None, "auto", "required", "none"):
+        choice = tool_choice or "auto"
+    elif isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
+        choice = tool_choice.get("name") if flat else (tool_choice.get("function") or {}).get(
+            "name")
+        if choice not in {f["name"] for f in functions}:
+            raise APIError(400, f"tool_choice names function {choice!r}, which is not in tools",
+                           param="tool_choice")
+    else:
+        raise unsupported("tool_choice", "tool_choice must be none, auto, required or a "
+                                         "function", True)
+    if choice == "none":
+        return None
+    return ToolSpec(functions, choice, parallel is not False)
+
+
+def tool_format(handle: ModelHandle) -> ToolFormat:
+    """The served model's tool-call format: TOOL_CALL_PARSER, or for "auto" `hermes` when the
+    chat template takes `tools` (Qwen's, Hermes') and else `smollm2` (the embedded model's
+    trained format, whose tool prompt the server writes)."""
+    name = settings.tool_call_parser
+    if name == "auto":
+        name = "hermes" if "tools" in handle.template_variables else "smollm2"
+    return TOOL_FORMATS[name]
+
+
+def template_tool_calls(calls: list[dict[str, Any]], param: str) -> list[dict[str, Any]]:
+    """An assistant message's `tool_calls` for chat templates: arguments as an object (what
+    Hugging Face templates expect), the call id kept."""
+    out = []
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise APIError(400, f"{param}[{j}] needs function.name", param=f"{param}[{j}]")
+        arguments = fn.get("arguments", "{}")
+        try:
+            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except ValueError:
+            pass  # kept as the string the client sent
+        out.append({"id": call.get("id"), "type": "function",
+                    "function": {"name": fn["name"], "arguments": arguments}})
+    return out
+
+
+# SmolLM2-Instruct's function-calling prompt (its model card), for templates without tools.
+SMOLLM2_TOOL_PROMPT = (
+    "You are an expert in composing functions. You are given a question and a set of possible "
+    "functions. Based on the question, you will need to make one or more function/tool calls "
+    "to achieve the purpose. If none of the functions can be used, answer the question "
+    "directly.\n\nYou have access to the following tools:\n<tools>{tools}</tools>\n\nTo call "
+    "tools, the output MUST strictly adhere to the following format. Please make sure the "
+    "parameter type is correct.\n<tool_call>[\n{{\"name\": \"func_name1\", \"arguments\": "
+    "{{\"argument1\": \"value1\", \"argument2\": \"value2\"}}}},\n... (more tool calls as "
+    "required)\n]</tool_call>")
+
+
+def with_tools(handle: ModelHandle, messages: list[dict[str, Any]], spec: ToolSpec | None,
+               fmt: ToolFormat) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Messages (and template kwargs) that show the model its tools and earlier calls.
+
+    A template that takes `tools` gets them as `tools=[{"type": "function", "function"}]` and
+    renders calls and results itself. Otherwise the server writes them in `fmt`: the tool
+    prompt in the system message, earlier calls as `<tool_call>` text in the assistant turn,
+    results as `tool` turns.
+    """
+    if "tools" in handle.template_variables:
+        tools = [{"type": "function", "function": f} for f in spec.functions] if spec else None
+        return messages, ({"tools": tools} if tools else {})
+    out = []
+    for m in messages:
+        m = dict(m)
+        calls = m.pop("tool_calls", None)
+        m.pop("tool_call_id", None)
+        if calls:
+            text = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                    for c in calls]
+            body = (json.dumps(text, ensure_ascii=False) if fmt.listed else "\n".join(
+                json.dumps(c, ensure_ascii=False) for c in text))
+            tag = f"{fmt.open}{body}{fmt.close}"
+            if isinstance(m["content"], list):
+                m["content"] = m["content"] + [{"type": "text", "text": tag}]
+            else:
+                m["content"] = (m["content"] or "") + tag
+        out.append(m)
+    if spec:
+        prompt = SMOLLM2_TOOL_PROMPT.format(tools=json.dumps(
+            [{"name": f["name"], "description": f["description"], "parameters": f["parameters"]}
+             for f in spec.functions], ensure_ascii=False))
+        if out and out[0]["role"] == "system" and isinstance(out[0]["content"], str):
+            out[0] = {**out[0], "content": out[0]["content"] + "\n\n" + prompt}
+        elif out and out[0]["role"] == "system":
+            out[0] = {**out[0], "content": out[0]["content"] + [{"type": "text", "text": prompt}]}
+        else:
+            text = prompt if handle.processor is None else [{"type": "text", "text": prompt}]
+            out.insert(0, {"role": "system", "content": text})
+    return out, {}
+
+
+def tool_grammar(spec: ToolSpec, fmt: ToolFormat) -> str | None:
+    """Lark grammar forcing tool calls (tool_choice "required" or a named function): `fmt`'s
+    tags around {"name", "arguments"} objects whose arguments match the function's
+    parameters; one call unless parallel calls are allowed. None for "auto"."""
+    if spec.choice == "auto":
+        return None
+    chosen = [f for f in spec.functions if spec.choice in ("required", f["name"])]
+    call = Grammar.json_schema({"anyOf": [
+        {"type": "object", "properties": {"name": {"const": f["name"]},
+                                          "arguments": f["parameters"]},
+         "required": ["name", "arguments"], "additionalProperties": False} for f in chosen]})
+    many = spec.parallel and spec.choice == "required"
+    if fmt.listed:
+        calls = 'call (", " call)*' if many else "call"
+        return (f'start: {json.dumps(fmt.open)} "[" {calls} "]" {json.dumps(fmt.close)}\n'
+                f"call: {call}")
+    tag = f'{json.dumps(fmt.open + chr(10))} call {json.dumps(chr(10) + fmt.close)}'
+    return f'start: tag{" (" + json.dumps(chr(10)) + " tag)*" if many else ""}\n' \
+           f"tag: {tag}\ncall: {call}"
+
+
+def format_grammar(fmt: Any, param: str, flat: bool) -> str | None:
+    """Lark grammar for `response_format` (chat) or `text.format` (Responses, `flat`):
+    json_object any JSON object, json_schema valid against the schema; None for text."""
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or not isinstance(fmt.get("type", "text"), str):
+        raise APIError(400, f"{param} must be an object with a type", param=param)
+    kind = fmt.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return "start: " + Grammar.json_schema({"type": "object"})
+    if kind != "json_schema":
+        raise unsupported(f"{param}.type", f"{param} type {kind!r} is not supported (text, "
+                                           f"json_object, json_schema)", True)
+    spec = fmt if flat else fmt.get("json_schema")
+    where = param if flat else f"{param}.json_schema"
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise APIError(400, f"{where} needs a name", param=where)
+    schema = spec.get("schema", {})
+    if not isinstance(schema, dict):
+        raise APIError(400, f"{where}.schema must be a JSON schema object",
+                       param=f"{where}.schema")
+    return "start: " + Grammar.json_schema(schema)
+
+
+def vocab_size(handle: ModelHandle) -> int:
+    """Width of the model's logits (embedding rows; may exceed the tokenizer's length)."""
+    out = handle.model.get_output_embeddings()
+    return int((out if out is not None else handle.model.get_input_embeddings()).weight.shape[0])
+
+
+def compile_grammar(handle: ModelHandle, lark: str | None, param: str) -> Grammar | None:
+    """The grammar checked and compiled for the served tokenizer (in a worker thread; ~ms).
+    Raises APIError 400 naming what llguidance cannot enforce (e.g. 'not', 'uniqueItems')."""
+    if lark is None:
+        return None
+    try:
+        return Grammar(lark, grammar_tokenizer(handle.tokenizer, vocab_size(handle),
+                                               handle.eos_token_ids))
+    except GrammarError as e:
+        reason = str(e).split("\n")[0]
+        reason = re.sub(r"^at \d+\(\d+\): ", "", reason)
+        raise APIError(400, f"{param}: this schema cannot be enforced: {reason}", param=param,
+                       code="invalid_json_schema") from e
+
+
+@dataclass
+class Constraints:
+    """What a request asks of its output's structure: tool calls to parse, a grammar."""
+
+    tools: ToolSpec | None
+    format: ToolFormat
+    grammar: Grammar | None
+
+
+async def constraints(handle: ModelHandle, spec: ToolSpec | None, fmt_value: Any,
+                      fmt_param: str, flat: bool) -> Constraints:
+    """Tool calling and structured output of one request: forced tool calls win over the
+    response format (OpenAI applies the format to the answer, not to the calls)."""
+    fmt = tool_format(handle)
+    lark, param = (tool_grammar(spec, fmt), "tools") if spec else (None, "tools")
+    if lark is None:
+        lark = format_grammar(fmt_value, fmt_param, flat)
+        param = f"{fmt_param}.schema" if flat else f"{fmt_param}.json_schema.schema"
+    grammar = await asyncio.to_thread(compile_grammar, handle, lark, param) if lark else None
+    return Constraints(spec, fmt, grammar)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampling
 # ---------------------------------------------------------------------------------------------
@@ -512,6 +770,8 @@ class Prepared:
     stored: dict[str, Any]
     starts_in_reasoning: bool | None = None
     more_inputs: list[dict[str, torch.Tensor]] = field(default_factory=list)  # more prompts
+    # Tool calls to parse: (the model's format, the function names offered); None: no tools.
+    tools: tuple[ToolFormat, frozenset[str]] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,14 +781,27 @@ class Prepared:
 
 async def prepare_chat(body: ChatCompletionRequest, handle: ModelHandle,
                        raw: dict[str, Any]) -> Prepared:
-    """Chat completions: messages through the chat template (media fetched and decoded in a
-    worker thread, like all tokenizing). `raw` is the body as dumped, stored media-redacted."""
-    messages = chat_messages(body.messages, handle)
+    """Chat completions: messages (and tools) through the chat template (media fetched and
+    decoded in a worker thread, like all tokenizing); `response_format` or a forced tool call
+    as a grammar. `raw` is the body as dumped, stored media-redacted."""
+    spec = tool_spec(body.tools, body.tool_choice, body.parallel_tool_calls, flat=False)
+    rules = await constraints(handle, spec, body.response_format, "response_format", flat=False)
+    messages, tool_kwargs = with_tools(handle, chat_messages(body.messages, handle), spec,
+                                       rules.format)
     check_prompt_chars(handle, message_chars(messages), "messages")
-    inputs = await asyncio.to_thread(prepare_chat_inputs, handle, messages,
-                                     template_kwargs(handle, body.chat_template_kwargs or {}))
+    kwargs = {**template_kwargs(handle, body.chat_template_kwargs or {}), **tool_kwargs}
+    inputs = await asyncio.to_thread(prepare_chat_inputs, handle, messages, kwargs)
+    return prepared(handle, body, inputs, redact_media(raw), rules)
+
+
+def prepared(handle: ModelHandle, body: Any, inputs: dict[str, torch.Tensor],
+             stored: dict[str, Any], rules: Constraints) -> Prepared:
+    """A chat-templated request's Prepared: sampling fitted to the prompt, the grammar, the
+    reasoning split and the tool-call parsing."""
     params = sampling_params(body, handle, int(inputs["input_ids"].shape[-1]))
-    return Prepared(inputs, params, redact_media(raw), starts_in_reasoning(handle, inputs))
+    params.grammar = rules.grammar
+    tools = (rules.format, rules.tools.names) if rules.tools else None
+    return Prepared(inputs, params, stored, starts_in_reasoning(handle, inputs), tools=tools)
 
 
 async def prepare_completion(body: CompletionRequest, handle: ModelHandle,
@@ -545,9 +818,10 @@ async def prepare_completion(body: CompletionRequest, handle: ModelHandle,
 
 async def prepare_response(body: ResponsesRequest, handle: ModelHandle, raw: dict[str, Any],
                            history: list[dict[str, Any]]) -> Prepared:
-    """Responses: `history` (a previous response's conversation, as message items) plus this
-    input, `instructions` as a system message, `reasoning.effort: none` as enable_thinking=False.
-    Stores the input items (`_input_items`) and the whole conversation (`_conversation`)."""
+    """Responses: `history` (a previous response's conversation, as input items) plus this
+    input, `instructions` as a system message, `reasoning.effort: none` as enable_thinking=False,
+    tools and `text.format` as for chat. Stores the input items (`_input_items`) and the whole
+    conversation (`_conversation`)."""
     items = response_input_items(body)
     messages = item_messages(history + items)
     if body.instructions:
@@ -555,10 +829,13 @@ async def prepare_response(body: ResponsesRequest, handle: ModelHandle, raw: dic
     kwargs = dict(body.chat_template_kwargs or {})
     if (body.reasoning or {}).get("effort") == "none":
         kwargs.setdefault("enable_thinking", False)
-    chat = chat_messages(messages, handle)
+    spec = tool_spec(body.tools, body.tool_choice, body.parallel_tool_calls, flat=True)
+    rules = await constraints(handle, spec, (body.text or {}).get("format")
+                              if isinstance(body.text, dict) else body.text, "text.format",
+                              flat=True)
+    chat, tool_kwargs = with_tools(handle, chat_messages(messages, handle), spec, rules.format)
     check_prompt_chars(handle, message_chars(chat), "input")
     inputs = await asyncio.to_thread(prepare_chat_inputs, handle, chat,
-                                     template_kwargs(handle, kwargs))
-    params = sampling_params(body, handle, int(inputs["input_ids"].shape[-1]))
+                                     {**template_kwargs(handle, kwargs), **tool_kwargs})
     stored = redact_media({**raw, "_input_items": items, "_conversation": history + items})
-    return Prepared(inputs, params, stored, starts_in_reasoning(handle, inputs))
+    return prepared(handle, body, inputs, stored, rules)

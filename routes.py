@@ -288,8 +288,7 @@ async def run_session(request: Request, body, kind: str, prepare,
         raise APIError(503, f"session storage is failing, so no generation can start: "
                             f"{storage_reason(rt, str(e))}",
                        code="storage_unavailable", headers={"Retry-After": "5"}) from e
-    rt.start(s, prepared.inputs, prepared.params, prepared.starts_in_reasoning,
-             prepared.more_inputs)
+    rt.start(s, prepared)
     return await respond(rt, s, body.stream, -1, request)
 
 
@@ -370,9 +369,14 @@ async def previous_conversation(rt: Runtime, response_id: str,
         raise APIError(400, f"previous response {response_id} is still {prev.state}; wait for it "
                             f"to finish", param="previous_response_id")
     output = (await current_object(rt, prev))["output"]
-    answers = [{"type": "message", "role": "assistant", "content": [
-        {"type": "output_text", "text": part["text"]} for part in item["content"]]}
-        for item in output if item["type"] == "message"]
+    answers = []
+    for item in output:
+        if item["type"] == "message":
+            answers.append({"type": "message", "role": "assistant", "content": [
+                {"type": "output_text", "text": part["text"]} for part in item["content"]]})
+        elif item["type"] == "function_call":
+            answers.append({"type": "function_call", "call_id": item["call_id"],
+                            "name": item["name"], "arguments": item["arguments"]})
     return prev.request.get("_conversation", []) + answers
 
 

@@ -11,11 +11,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 
 from engine import Engine, GenerationJob
 from formatters import FORMATTERS, Formatter, Out, usage_object
-from sampling import SamplingParams
+from prepare import Prepared
 from settings import settings
 from store import Session, SessionStore
 from telemetry import GENERATIONS_FINISHED
@@ -28,8 +27,8 @@ log = logging.getLogger("resumable.runtime")
 # ---------------------------------------------------------------------------------------------
 
 
-FINISH_STATES = {"stop": "completed", "length": "completed", "cancelled": "cancelled",
-                 "interrupted": "interrupted"}
+FINISH_STATES = {"stop": "completed", "length": "completed", "tool_calls": "completed",
+                 "cancelled": "cancelled", "interrupted": "interrupted"}
 
 
 class SessionSink:
@@ -134,15 +133,15 @@ class Runtime:
         self.append_all(s, live.formatter.created())
         return s
 
-    def start(self, s: Session, inputs: dict[str, torch.Tensor], params: SamplingParams,
-              starts_in_reasoning: bool | None,
-              more_inputs: list[dict[str, torch.Tensor]] | None = None) -> None:
+    def start(self, s: Session, prepared: Prepared) -> None:
         """Queue the session's generation: inputs as `prepare` made them (`input_ids`
-        (1, prompt_tokens), vision tensors; `more_inputs` for further prompts), and arm the
-        disconnect timer (no client may ever attach)."""
+        (1, prompt_tokens), vision tensors; `more_inputs` for further prompts), sampling, the
+        reasoning split and tool calls to parse; arm the disconnect timer (no client may ever
+        attach)."""
         live = self.live[s.id]
-        job = GenerationJob(s.id, live.cancel, inputs, params, None, starts_in_reasoning,
-                            list(more_inputs or []))
+        job = GenerationJob(s.id, live.cancel, prepared.inputs, prepared.params, None,
+                            prepared.starts_in_reasoning, list(prepared.more_inputs),
+                            prepared.tools)
         job.sink = self.sinks[s.id] = SessionSink(self, s, job.prompt_tokens)
         self.engine.submit(job)
         live.last_detached_at = time.monotonic()

@@ -1,19 +1,24 @@
 """Logits to the next token: what one request asks of sampling, penalties, per-row seeds,
 logprobs.
 
-`RowSampler` is one sequence's sampling inside a batch: its own processors and its own
-`torch.Generator`, so a row's output depends on its seed and its logits only, never on which
-other rows share the batch. Pure: unit-testable without a model.
+`RowSampler` is one sequence's sampling inside a batch: its own processors, its own
+`torch.Generator` and its own grammar matcher (structured output), so a row's output depends on
+its seed and its logits only, never on which other rows share the batch. `Grammar` compiles a
+constraint (JSON schema or Lark) with llguidance into token masks. Pure: unit-testable without
+a model.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import llguidance
+import llguidance.hf
 import torch
 
 log = logging.getLogger("resumable.sampling")
@@ -43,6 +48,82 @@ class SamplingParams:
     stop: list[str] | None = None
     n: int = 1  # choices per prompt
     logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled token's plus top k
+    grammar: "Grammar | None" = None  # structured output: every row's tokens must match it
+
+
+# ---------------------------------------------------------------------------------------------
+# Structured output: grammars as token masks (llguidance)
+# ---------------------------------------------------------------------------------------------
+
+# JSON as json.dumps writes it (", " and ": "), with no free whitespace: a small model given
+# flexible whitespace can spend its whole budget on newlines inside a constrained object.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+class GrammarError(ValueError):
+    """A constraint llguidance cannot enforce (unsupported JSON-schema keywords, a bad grammar);
+    the message names what (e.g. 'Unimplemented keys: ["not"]')."""
+
+
+_TOKENIZERS: dict[tuple[int, int], llguidance.LLTokenizer] = {}
+
+
+def grammar_tokenizer(tokenizer: Any, vocab_size: int, eos_ids: set[int]) -> llguidance.LLTokenizer:
+    """llguidance's view of a Hugging Face tokenizer, built once per tokenizer (~0.4 s for a
+    49k vocabulary). `vocab_size` is the logits' width (the embedding rows, which may exceed
+    the tokenizer's length); the grammar's end is any of `eos_ids`."""
+    key = (id(tokenizer), vocab_size)
+    table = _TOKENIZERS.get(key)
+    if table is None:
+        eos = sorted(i for i in eos_ids if i < vocab_size) or None
+        table = _TOKENIZERS[key] = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size,
+                                                                eos_token=eos)
+    return table
+
+
+class Grammar:
+    """A compiled constraint: a Lark grammar (which may embed `%json {...}` schemas) checked
+    against the tokenizer once; each row gets its own matcher (`for_row`).
+
+    Raises GrammarError when llguidance reports an error, e.g. JSON-schema keywords it does not
+    implement: they would be silently ignored otherwise, and output would not match.
+    """
+
+    def __init__(self, lark: str, table: llguidance.LLTokenizer):
+        self.lark = lark
+        grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, table)
+        if is_error or messages:
+            raise GrammarError("; ".join(messages) or "invalid grammar")
+        self.matcher = llguidance.LLMatcher(table, grammar)
+        if self.matcher.is_error():
+            raise GrammarError(self.matcher.get_error())
+
+    @staticmethod
+    def json_schema(schema: dict[str, Any]) -> str:
+        """A Lark rule body matching JSON valid against `schema` (JSON_OPTIONS formatting)."""
+        return "%json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS})
+
+    def for_row(self) -> llguidance.LLMatcher:
+        return self.matcher.deep_copy()
+
+
+_BITS = torch.tensor([1 << i for i in range(32)], dtype=torch.int64)
+
+
+def grammar_mask(matcher: llguidance.LLMatcher, vocab_size: int) -> torch.Tensor:
+    """The tokens `matcher` allows next, as a bool tensor (vocab_size,) on the CPU.
+
+    Unpacked here rather than with llguidance.torch's helper, which is torch.compile'd: ~17 s
+    of C++ compiling on the first request, and no compiler at all on many Windows machines.
+    """
+    words = (vocab_size + 31) // 32
+    bitmask = torch.empty(words, dtype=torch.int32)
+    matcher.unsafe_compute_mask_ptr(bitmask.data_ptr(), words * 4)
+    if matcher.is_error():
+        raise GrammarError(matcher.get_error())
+    # int32 -> int64 sign-extends, which keeps bit 31 where `& (1 << 31)` finds it.
+    return ((bitmask.to(torch.int64).unsqueeze(-1) & _BITS) != 0).flatten()[:vocab_size]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,12 +174,14 @@ class RowSampler:
                      if params.logit_bias else None)
         self.generated = 0
         self.min_new = params.max_new_tokens if params.ignore_eos else params.min_tokens
+        self.matcher = params.grammar.for_row() if params.grammar is not None else None
 
     @property
     def plain(self) -> bool:
         """Greedy with nothing to change the logits and no logprobs: a batched argmax will do."""
         return (self.greedy and self.seen is None and not self.penalize and self.bias is None
-                and self.generated >= self.min_new and self.p.logprobs is None)
+                and self.generated >= self.min_new and self.p.logprobs is None
+                and self.matcher is None)
 
     def __call__(self, logits: torch.Tensor) -> tuple[int, dict[str, Any] | None]:
         entry = None
@@ -115,7 +198,11 @@ class RowSampler:
         return token, entry
 
     def accept(self, token: int) -> None:
-        """Record a token chosen for this row (by `__call__` or a batched argmax)."""
+        """Record a token chosen for this row (by `__call__` or a batched argmax). Raises
+        GrammarError if the row's grammar does not allow it (a bug: the mask forbade it)."""
+        if self.matcher is not None and not self.matcher.consume_token(token):
+            raise GrammarError(f"token {token} does not match the grammar: "
+                               f"{self.matcher.get_error()}")
         self.generated += 1
         if self.seen is not None:
             self.seen.add(token)
@@ -147,6 +234,13 @@ class RowSampler:
         if self.generated < self.min_new and self.eos_ids:
             scores = scores.clone()
             scores[[i for i in self.eos_ids if i < len(scores)]] = -math.inf
+        if self.matcher is not None:
+            # Last, so nothing after it can lift a token the grammar forbids.
+            allowed = grammar_mask(self.matcher, scores.shape[-1]).to(scores.device)
+            masked = scores.masked_fill(~allowed, -math.inf)
+            # The grammar wins over min_tokens and logit_bias when they leave nothing it allows.
+            scores = (masked if bool(torch.isfinite(masked).any())
+                      else logits.masked_fill(~allowed, -math.inf))
         return scores
 
     def _draw(self, scores: torch.Tensor) -> int:

@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     # "auto": split <think>...</think> into reasoning_content when the tokenizer knows the
     # tags; "none": leave the raw text in content.
     reasoning_parser: str = Field("auto", pattern="^(auto|none)$")
+    # How the model writes tool calls (vLLM's parser names): "auto" picks hermes when the
+    # chat template takes tools (Qwen2.5/3, Qwen3-VL, Hermes), else smollm2 (the embedded
+    # model's format; the server writes its tool prompt).
+    tool_call_parser: str = Field("auto", pattern="^(auto|hermes|smollm2)$")
 
     # --- security ----------------------------------------------------------------------------
     # Comma-separated API keys; empty: no authentication. With keys, every /v1 route wants

@@ -326,9 +326,16 @@ BAD_REQUESTS = [
      "chat_template_kwargs"),
     # Refusals are 400 (OpenAI's unsupported_parameter/value): SDKs retry every 5xx.
     ({"messages": QUESTION, "n": 17}, 400, "n"),  # more rows than MAX_NUM_SEQS (16)
-    ({"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ({"messages": QUESTION, "tools": [{"type": "web_search"}]}, 400, "tools[0].type"),
+    ({"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400, "tool_choice"),
+    ({"messages": QUESTION, "tool_choice": "required"}, 400, "tool_choice"),  # no tools
+    ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].tool_call_id"),
     ({"messages": QUESTION, "top_logprobs": 2}, 400, "top_logprobs"),  # needs logprobs: true
-    ({"messages": QUESTION, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ({"messages": QUESTION, "response_format": {"type": "grammar"}}, 400, "response_format.type"),
+    ({"messages": QUESTION, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"not": {"type": "string"}}}}}, 400,
+     "response_format.json_schema.schema"),
 ]
 
 

@@ -163,17 +163,17 @@ def test_previous_response_id_round_trip(client):
 
 
 @pytest.mark.parametrize("extra,param,code", [
-    ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools",
-     "unsupported_parameter"),
+    ({"tools": [{"type": "web_search"}]}, "tools[0].type", "unsupported_value"),
     ({"conversation": "conv_1"}, "conversation", "unsupported_parameter"),
     ({"truncation": "auto"}, "truncation", "unsupported_value"),
-    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, "text.format",
-     "unsupported_value"),
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "array",
+                                                                          "uniqueItems": True}}}},
+     "text.format.schema", "invalid_json_schema"),
     ({"include": ["reasoning.encrypted_content"]}, "include", "unsupported_value"),
     ({"reasoning": {"summary": "auto"}}, "reasoning.summary", "unsupported_value"),
     ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
      "input[0].content[0].type", "unsupported_value"),
-    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]},
+    ({"input": [{"type": "computer_call_output", "call_id": "c", "output": {}}]},
      "input[0].type", "unsupported_value"),
 ])
 def test_unsupported_features_are_400_not_retried_5xx(http, extra, param, code):
