@@ -473,6 +473,11 @@ class TextPipeline:
     def stopped(self) -> bool:
         return self.matcher.stopped
 
+    @property
+    def answering(self) -> bool:
+        """Past any reasoning: what follows is the answer (content or tool calls)."""
+        return self.parser is None or self.parser.state == "content"
+
     def push(self, token_id: int) -> list[tuple[str, str]]:
         before = self.parser.state if self.parser is not None else None
         parts = self._split(self.matcher.feed(self.decoder.push(token_id)))

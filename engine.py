@@ -443,10 +443,11 @@ class Engine:
         job, p = state.job, state.job.params
         prompt = inputs["input_ids"][0].tolist()
         state.running += 1
+        sampler = RowSampler(p, prompt, self.handle.eos_token_ids,
+                             row_seed(p.seed, index % p.n if p.n else 0), self._token_text)
+        sampler.grammar_on = not job.starts_in_reasoning  # constrain the answer, not the thought
         return Row(job=state, index=index, prompt_len=length, length=length, rope_delta=delta,
-                   sampler=RowSampler(p, prompt, self.handle.eos_token_ids,
-                                      row_seed(p.seed, index % p.n if p.n else 0),
-                                      self._token_text),
+                   sampler=sampler,
                    text=TextPipeline(self.handle.tokenizer, p.stop, job.starts_in_reasoning,
                                      ToolCallParser(*job.tools) if job.tools else None))
 
@@ -540,6 +541,8 @@ class Engine:
         before = row.text.reasoning_tokens
         parts = row.text.push(token)
         state.reasoning_tokens += row.text.reasoning_tokens - before
+        if not row.sampler.grammar_on and row.text.answering:
+            row.sampler.grammar_on = True
         self._emit(row, parts)
         reason = self._finish_reason(row, token)
         if reason is not None:

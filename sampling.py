@@ -175,6 +175,9 @@ class RowSampler:
         self.generated = 0
         self.min_new = params.max_new_tokens if params.ignore_eos else params.min_tokens
         self.matcher = params.grammar.for_row() if params.grammar is not None else None
+        # False while a thinking model reasons: the grammar constrains the answer after it
+        # (the engine turns it on at `</think>`, as vLLM's structured output does).
+        self.grammar_on = True
 
     @property
     def plain(self) -> bool:
@@ -200,7 +203,8 @@ class RowSampler:
     def accept(self, token: int) -> None:
         """Record a token chosen for this row (by `__call__` or a batched argmax). Raises
         GrammarError if the row's grammar does not allow it (a bug: the mask forbade it)."""
-        if self.matcher is not None and not self.matcher.consume_token(token):
+        if (self.matcher is not None and self.grammar_on
+                and not self.matcher.consume_token(token)):
             raise GrammarError(f"token {token} does not match the grammar: "
                                f"{self.matcher.get_error()}")
         self.generated += 1
@@ -234,7 +238,7 @@ class RowSampler:
         if self.generated < self.min_new and self.eos_ids:
             scores = scores.clone()
             scores[[i for i in self.eos_ids if i < len(scores)]] = -math.inf
-        if self.matcher is not None:
+        if self.matcher is not None and self.grammar_on:
             # Last, so nothing after it can lift a token the grammar forbids.
             allowed = grammar_mask(self.matcher, scores.shape[-1]).to(scores.device)
             masked = scores.masked_fill(~allowed, -math.inf)

@@ -406,3 +406,44 @@ def test_responses_with_input_image_and_reasoning_items(vl):
     plain = client.responses.create(model="m", input="Answer.", max_output_tokens=6,
                                     reasoning={"effort": "none"}, extra_body={"ignore_eos": True})
     assert [item.type for item in plain.output] == ["message"] and plain.output_text
+
+
+# --- tools and structured output on a template that takes tools (hermes) ------------------------
+
+FLAG = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+        "additionalProperties": False}
+
+
+def test_forced_tool_call_through_the_qwen_template(http):
+    """Qwen3-VL's template renders `tools` itself; its format is hermes (one JSON object per
+    <tool_call> tag). Even a random model's call is valid under the grammar."""
+    tools = [{"type": "function", "function": {"name": "set_flag", "parameters": FLAG}}]
+    r = post(http, {"messages": [{"role": "user", "content": "Set it."}], "tools": tools,
+                    "tool_choice": "required", "max_tokens": 40, "temperature": 0,
+                    "parallel_tool_calls": False,
+                    "chat_template_kwargs": {"enable_thinking": False}}).json()
+    choice = r["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", r
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "set_flag"
+    assert json.loads(call["function"]["arguments"]) in ({"ok": True}, {"ok": False})
+    # The call goes back through the template as an assistant turn, its result as a tool turn.
+    follow = post(http, {"messages": [{"role": "user", "content": "Set it."}, choice["message"],
+                                      {"role": "tool", "tool_call_id": call["id"],
+                                       "content": "done"}],
+                         "tools": tools, "max_tokens": 4, "temperature": 0})
+    assert follow.status_code == 200, follow.text
+
+
+def test_the_grammar_constrains_the_answer_after_the_thought(http, model_dir):
+    """A thinking row reasons freely; the schema applies from `</think>` on (a bias makes the
+    random model close its thought at once)."""
+    from transformers import AutoTokenizer
+    close = AutoTokenizer.from_pretrained(model_dir).convert_tokens_to_ids("</think>")
+    r = post(http, {"messages": [{"role": "user", "content": "Think, then answer."}],
+                    "max_tokens": 30, "temperature": 0, "logit_bias": {str(close): 100},
+                    "response_format": {"type": "json_schema", "json_schema": {
+                        "name": "flag", "schema": FLAG}}}).json()
+    message = r["choices"][0]["message"]
+    assert r["choices"][0]["finish_reason"] == "stop", r
+    assert json.loads(message["content"]) in ({"ok": True}, {"ok": False})
