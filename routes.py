@@ -20,10 +20,10 @@ from formatters import ChatFormatter, CompletionFormatter, ResponsesFormatter
 from model import ModelHandle, require_ready
 from prepare import (Prepared, body_digest, check_unicode, prepare_chat, prepare_completion,
                      prepare_response, refuse_unsupported, refuse_unsupported_completion,
-                     refuse_unsupported_response, unsupported)
+                     refuse_unsupported_response)
 from runtime import Runtime
 from schemas import (SESSION_ID_PATTERN, APIError, ChatCompletionRequest, CompletionRequest,
-                     ResponsesRequest)
+                     ResponsesRequest, unsupported)
 from security import request_owner
 from settings import settings
 from store import EventsGone, Session, StoreUnavailable

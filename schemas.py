@@ -302,6 +302,14 @@ _ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "inva
                 501: "not_implemented_error", 503: "service_unavailable_error"}
 
 
+def unsupported(param: str, message: str, value: bool = False) -> APIError:
+    """A field (or, with `value`, a value of a known field) this server cannot honour: 400
+    with OpenAI's codes `unsupported_parameter` / `unsupported_value`. Never 501: SDKs retry
+    every 5xx, so a refusal was sent three times and surfaced as an internal error."""
+    return APIError(400, message, param=param,
+                    code="unsupported_value" if value else "unsupported_parameter")
+
+
 def error_body(status: int, message: str, type: str | None = None, param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type or _ERROR_TYPES.get(status, "error"),
