@@ -33,7 +33,8 @@ TOOL_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 class ToolSpec:
     """A request's tools, one shape for chat and Responses: `functions` as
     {"name", "description", "parameters"}; `choice` "auto", "required" or a function name;
-    `parallel`: more than one call allowed (enforced where a grammar applies)."""
+    `parallel`: more than one call allowed (if not, a forced call's grammar writes one and the
+    parser ends the turn after the first)."""
 
     functions: list[dict[str, Any]]
     choice: str

@@ -291,8 +291,10 @@ class ToolCallParser:
     object, a function not in `names`, JSON that does not parse) is given back as content.
     """
 
-    def __init__(self, fmt: ToolFormat, names: set[str]):
-        self.fmt, self.names = fmt, names
+    def __init__(self, fmt: ToolFormat, names: set[str], limit: int | None = None):
+        self.fmt, self.names, self.limit = fmt, names, limit
+        self.ended = False  # `limit` calls were made: the turn is over (OpenAI's
+        # parallel_tool_calls=false); what the model writes after them is dropped
         self.state = "text"
         self.buf = ""  # unconsumed text
         self.raw = ""  # text since the open tag, given back as content if no call comes of it
@@ -305,14 +307,16 @@ class ToolCallParser:
     def feed(self, text: str) -> list[tuple[str, str]]:
         self.buf += text
         out: list[tuple[str, str]] = []
-        while self.buf and getattr(self, "_" + self.state)(out):
+        while self.buf and not self.ended and getattr(self, "_" + self.state)(out):
             pass
         return out
 
     def flush(self) -> list[tuple[str, str]]:
         """At the end of generation: an unfinished tag with no call yet is content."""
         out: list[tuple[str, str]] = []
-        if self.state == "text":
+        if self.ended:
+            text = ""
+        elif self.state == "text":
             text = self.buf
         elif self.calls_in_tag == 0:
             text = self.raw + self.obj + self.buf
@@ -388,7 +392,7 @@ class ToolCallParser:
             return False
         if self.args_scan is None:  # not streamable: read the whole object
             return self._whole_object(out)
-        self.state = "after"
+        self._call_done()
         return True
 
     def _whole_object(self, out: list[tuple[str, str]]) -> bool:
@@ -403,8 +407,12 @@ class ToolCallParser:
             arguments = json.dumps(arguments, ensure_ascii=False)
         self._begin_call(out, call["name"])
         out.append(("tool_arguments", arguments))
-        self.state = "after"
+        self._call_done()
         return True
+
+    def _call_done(self) -> None:
+        self.state = "after"
+        self.ended = self.limit is not None and self.calls >= self.limit
 
     def _begin_call(self, out: list[tuple[str, str]], name: str) -> None:
         out.append(("tool_call", name))
@@ -471,7 +479,8 @@ class TextPipeline:
 
     @property
     def stopped(self) -> bool:
-        return self.matcher.stopped
+        """A stop string matched, or the tool-call limit was reached: the sequence ends."""
+        return self.matcher.stopped or (self.tools is not None and self.tools.ended)
 
     @property
     def answering(self) -> bool:

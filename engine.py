@@ -73,8 +73,9 @@ class GenerationJob:
     # None: no reasoning split; else whether the prompt already opened the think block.
     starts_in_reasoning: bool | None = None
     more_inputs: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    # Tool calls to parse out of the content: (format, function names offered).
-    tools: tuple[ToolFormat, frozenset[str]] | None = None
+    # Tool calls to parse out of the content: (format, function names offered, most calls
+    # per turn or None).
+    tools: tuple[ToolFormat, frozenset[str], int | None] | None = None
     submitted_at: float = field(default_factory=time.monotonic)
 
     @property

@@ -413,7 +413,8 @@ def response_usage(usage: dict[str, Any] | None) -> dict[str, Any] | None:
     """Chat-style usage to the Responses API's `usage` shape."""
     if usage is None:
         return None
-    return {"input_tokens": usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": 0},
+    return {"input_tokens": usage["prompt_tokens"],
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
             "output_tokens": usage["completion_tokens"],
             "output_tokens_details": {"reasoning_tokens": usage.get(
                 "completion_tokens_details", {}).get("reasoning_tokens", 0)},
@@ -470,11 +471,14 @@ class ResponsesFormatter:
             "tool_choice": r.get("tool_choice") or ("auto" if r.get("tools") else "none"),
             "tools": [function_tool(t) for t in r.get("tools") or []],
             "max_tool_calls": r.get("max_tool_calls"),
-            "truncation": "disabled", "usage": None, "completed_at": None,
+            "truncation": "disabled", "completed_at": None,
             "service_tier": r.get("service_tier") or "default",
-            "safety_identifier": r.get("safety_identifier"),
-            "prompt_cache_key": r.get("prompt_cache_key"),
-            "user": r.get("user"), "metadata": r.get("metadata") or {}}
+            "metadata": r.get("metadata") or {}}
+        # Optional strings and usage are left out rather than null: OpenAI's schema types them
+        # as present-and-string (usage: an object), never null.
+        for key in ("user", "safety_identifier", "prompt_cache_key"):
+            if r.get(key) is not None:
+                self.response[key] = r[key]
 
     # --- the fold ----------------------------------------------------------------------------
 
@@ -525,7 +529,10 @@ class ResponsesFormatter:
         return data, event_type
 
     def _snapshot(self, status: str, **fields: Any) -> dict[str, Any]:
-        return {**self.current(), "status": status, **fields}
+        snapshot = {**self.current(), "status": status, **fields}
+        if snapshot.get("usage", 0) is None:
+            del snapshot["usage"]  # not known (yet): absent, never null (OpenAI's schema)
+        return snapshot
 
     def created(self) -> list[Out]:
         self.pending = 0

@@ -525,8 +525,9 @@ class Prepared:
     stored: dict[str, Any]
     starts_in_reasoning: bool | None = None
     more_inputs: list[dict[str, torch.Tensor]] = field(default_factory=list)  # more prompts
-    # Tool calls to parse: (the model's format, the function names offered); None: no tools.
-    tools: tuple[ToolFormat, frozenset[str]] | None = None
+    # Tool calls to parse: (the model's format, the function names offered, most calls per
+    # turn: 1 for parallel_tool_calls=false); None: no tools.
+    tools: tuple[ToolFormat, frozenset[str], int | None] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -555,7 +556,8 @@ def prepared(handle: ModelHandle, body: Any, inputs: dict[str, torch.Tensor],
     reasoning split and the tool-call parsing."""
     params = sampling_params(body, handle, int(inputs["input_ids"].shape[-1]))
     params.grammar = rules.grammar
-    tools = (rules.format, rules.tools.names) if rules.tools else None
+    tools = ((rules.format, rules.tools.names, None if rules.tools.parallel else 1)
+             if rules.tools else None)
     return Prepared(inputs, params, stored, starts_in_reasoning(handle, inputs), tools=tools)
 
 

@@ -88,6 +88,14 @@ def test_text_that_only_looks_like_a_tool_call_stays_content(text):
         assert parse(text, seed=seed) == [("content", text)]
 
 
+def test_parallel_tool_calls_false_ends_the_turn_after_the_first_call():
+    parser = ToolCallParser(TOOL_FORMATS["smollm2"], {"add"}, limit=1)
+    out = parser.feed('<tool_call>[{"name": "add", "arguments": {"a": 1}}, {"name": "add", '
+                      '"arguments": {"a": 2}}]</tool_call> and more')
+    assert out == [("tool_call", "add"), ("tool_arguments", '{"a": 1}')] and parser.ended
+    assert parser.feed("text") == [] and parser.flush() == []
+
+
 def test_a_call_cut_off_mid_arguments_keeps_what_was_streamed():
     assert parse('<tool_call>{"name": "add", "arguments": {"a": 1') == [
         ("tool_call", "add"), ("tool_arguments", '{"a": 1')]
