@@ -150,6 +150,11 @@ def test_chat_two_turn_tool_conversation(client):
                                             temperature=0, max_tokens=40)
     assert second.choices[0].finish_reason in ("stop", "length")
     assert second.choices[0].message.content
+    # The second turn streamed: the same answer (greedy), from the same tool result.
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="m", messages=messages, tools=CHAT_TOOLS, temperature=0, max_tokens=40,
+        stream=True) if c.choices)
+    assert streamed == second.choices[0].message.content
 
 
 def test_chat_streamed_tool_call_equals_the_non_streamed(client):
