@@ -74,9 +74,9 @@ def tool_spec(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: bo
     if tool_choice in (None, "auto", "required", "none"):
         choice = tool_choice or "auto"
     elif isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
-        choice = tool_choice.get("name") if flat else (tool_choice.get("function") or {}).get(
-            "name")
-        if choice not in {f["name"] for f in functions}:
+        named = tool_choice if flat else tool_choice.get("function")
+        choice = named.get("name") if isinstance(named, dict) else None
+        if not isinstance(choice, str) or choice not in {f["name"] for f in functions}:
             raise APIError(400, f"tool_choice names function {choice!r}, which is not in tools",
                            param="tool_choice")
     else:
@@ -177,9 +177,11 @@ def tool_grammar(spec: ToolSpec, fmt: ToolFormat) -> str | None:
         return None
     chosen = [f for f in spec.functions if spec.choice in ("required", f["name"])]
     call = Grammar.json_schema({"anyOf": [
-        {"type": "object", "properties": {"name": {"const": f["name"]},
-                                          "arguments": f["parameters"]},
-         "required": ["name", "arguments"], "additionalProperties": False} for f in chosen]})
+        {"type": "object", "properties": {
+            "name": {"const": f["name"]},
+            "arguments": rebase_refs(f["parameters"], f"#/anyOf/{i}/properties/arguments")},
+         "required": ["name", "arguments"], "additionalProperties": False}
+        for i, f in enumerate(chosen)]})
     many = spec.parallel and spec.choice == "required"
     if fmt.listed:
         calls = 'call (", " call)*' if many else "call"
@@ -188,6 +190,24 @@ def tool_grammar(spec: ToolSpec, fmt: ToolFormat) -> str | None:
     tag = f'{json.dumps(fmt.open + chr(10))} call {json.dumps(chr(10) + fmt.close)}'
     return f'start: tag{" (" + json.dumps(chr(10)) + " tag)*" if many else ""}\n' \
            f"tag: {tag}\ncall: {call}"
+
+
+def rebase_refs(schema: Any, base: str) -> Any:
+    """`schema` with its local `$ref`s ("#", "#/$defs/X") pointing under `base`, where it is
+    nested in the call grammar's schema (Pydantic-made tool schemas use `$defs`)."""
+    if isinstance(schema, dict):
+        return {k: (base + v[1:] if k == "$ref" and isinstance(v, str) and v.startswith("#")
+                    else rebase_refs(v, base)) for k, v in schema.items()}
+    if isinstance(schema, list):
+        return [rebase_refs(v, base) for v in schema]
+    return schema
+
+
+def tool_chars(spec: "ToolSpec | None", messages: list[dict[str, Any]]) -> int:
+    """Characters the tools and earlier calls add to a prompt, for the character bound
+    (check_prompt_chars): a template renders them outside the message text."""
+    calls = [c for m in messages for c in m.get("tool_calls") or []]
+    return (len(json.dumps(spec.functions)) if spec else 0) + len(json.dumps(calls))
 
 
 def format_grammar(fmt: Any, param: str, flat: bool) -> str | None:

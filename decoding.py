@@ -260,6 +260,8 @@ class _JsonScan:
                     self.in_string = False
                     if self.depth == 0:
                         return i + 1
+            elif self.started and self.depth == 0 and (c in ",:}]" or c.isspace()):
+                return i  # a bare literal (number, true, null) ends before its delimiter
             elif c == '"':
                 self.in_string = self.started = True
             elif c in "{[":
@@ -269,8 +271,6 @@ class _JsonScan:
                 self.depth -= 1
                 if self.depth <= 0:
                     return i + 1
-            elif self.started and self.depth == 0 and (c in ",:" or c.isspace()):
-                return i
             elif not c.isspace():
                 self.started = True
         return None
@@ -302,6 +302,7 @@ class ToolCallParser:
         self.listed = False
         self.obj, self.obj_scan, self.args_scan = "", _JsonScan(), None
         self.whole = self.args_done = False
+        self.between = False  # just after a call's close tag
         self.calls = 0
 
     def feed(self, text: str) -> list[tuple[str, str]]:
@@ -314,7 +315,7 @@ class ToolCallParser:
     def flush(self) -> list[tuple[str, str]]:
         """At the end of generation: an unfinished tag with no call yet is content."""
         out: list[tuple[str, str]] = []
-        if self.ended:
+        if self.ended or (self.between and not self.buf.strip()):
             text = ""
         elif self.state == "text":
             text = self.buf
@@ -330,12 +331,22 @@ class ToolCallParser:
     # --- states: each consumes from self.buf; True when it made progress ---------------------
 
     def _text(self, out: list[tuple[str, str]]) -> bool:
+        if self.between:
+            # Whitespace after a call's close tag separates calls (Qwen writes "\n"): dropped
+            # before another open tag or the end, kept before other text.
+            rest = self.buf.lstrip()
+            if not rest or (self.fmt.open.startswith(rest) and rest != self.fmt.open):
+                return False  # all whitespace, or maybe the next open tag: wait
+            self.between = False
+            if rest.startswith(self.fmt.open):
+                self.buf = rest
         at = self.buf.find(self.fmt.open)
         if at >= 0:
             if at:
                 out.append(("content", self.buf[:at]))
             self.raw, self.buf = self.fmt.open, self.buf[at + len(self.fmt.open):]
             self.state, self.calls_in_tag, self.listed = "body", 0, False
+            self.obj = ""
             return True
         keep = next((k for k in range(min(len(self.fmt.open) - 1, len(self.buf)), 0, -1)
                      if self.buf.endswith(self.fmt.open[:k])), 0)
@@ -374,7 +385,10 @@ class ToolCallParser:
             head = _CALL_HEAD.match(self.obj)
             value = self.obj[head.end():].lstrip() if head else ""
             if value:
-                name = json.loads(head.group(1))
+                try:
+                    name = json.loads(head.group(1))
+                except ValueError:  # e.g. a raw control character: not a name we offered
+                    name = None
                 # Arguments written as a JSON string are decoded whole, not streamed raw.
                 if name in self.names and value[0] != '"':
                     self._begin_call(out, name)
@@ -405,6 +419,8 @@ class ToolCallParser:
         arguments = call.get("arguments", call.get("parameters", {}))
         if not isinstance(arguments, str):
             arguments = json.dumps(arguments, ensure_ascii=False)
+        # Decoded JSON may hold a lone surrogate ("\ud800"), which no UTF-8 writer takes.
+        arguments = arguments.encode("utf-8", "replace").decode("utf-8")
         self._begin_call(out, call["name"])
         out.append(("tool_arguments", arguments))
         self._call_done()
@@ -433,7 +449,7 @@ class ToolCallParser:
             return True
         close = self.fmt.close
         if stripped.startswith(close):
-            self.state, self.buf = "text", stripped[len(close):]
+            self.state, self.buf, self.between = "text", stripped[len(close):], True
             return True
         if close.startswith(stripped):
             self.buf = stripped

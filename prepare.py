@@ -16,7 +16,8 @@ import jinja2.meta
 import torch
 from transformers.video_utils import VideoMetadata
 
-from constraints import Constraints, constraints, template_tool_calls, tool_spec, with_tools
+from constraints import (Constraints, constraints, template_tool_calls, tool_chars, tool_spec,
+                         with_tools)
 from decoding import ToolFormat, prompt_opens_thinking
 from media import MediaError, MediaLimits, Video, decode_image, decode_video, load_bytes
 from model import ModelHandle
@@ -240,7 +241,8 @@ def response_input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
         if item_type == "function_call_output":
             output = item.get("output")
             if isinstance(output, list):
-                output = "".join(p.get("text", "") for p in output if isinstance(p, dict))
+                output = "".join(p["text"] for p in output
+                                 if isinstance(p, dict) and isinstance(p.get("text"), str))
             if not isinstance(item.get("call_id"), str) or not isinstance(output, str):
                 raise APIError(400, f"input[{i}]: a function_call_output item needs call_id and "
                                     f"output", param=f"input[{i}]")
@@ -541,10 +543,10 @@ async def prepare_chat(body: ChatCompletionRequest, handle: ModelHandle,
     decoded in a worker thread, like all tokenizing); `response_format` or a forced tool call
     as a grammar. `raw` is the body as dumped, stored media-redacted."""
     spec = tool_spec(body.tools, body.tool_choice, body.parallel_tool_calls, flat=False)
+    messages = chat_messages(body.messages, handle)
+    check_prompt_chars(handle, message_chars(messages) + tool_chars(spec, messages), "messages")
     rules = await constraints(handle, spec, body.response_format, "response_format", flat=False)
-    messages, tool_kwargs = with_tools(handle, chat_messages(body.messages, handle), spec,
-                                       rules.format)
-    check_prompt_chars(handle, message_chars(messages), "messages")
+    messages, tool_kwargs = with_tools(handle, messages, spec, rules.format)
     kwargs = {**template_kwargs(handle, body.chat_template_kwargs or {}), **tool_kwargs}
     inputs = await asyncio.to_thread(prepare_chat_inputs, handle, messages, kwargs)
     return prepared(handle, body, inputs, redact_media(raw), rules)
@@ -556,7 +558,9 @@ def prepared(handle: ModelHandle, body: Any, inputs: dict[str, torch.Tensor],
     reasoning split and the tool-call parsing."""
     params = sampling_params(body, handle, int(inputs["input_ids"].shape[-1]))
     params.grammar = rules.grammar
-    tools = ((rules.format, rules.tools.names, None if rules.tools.parallel else 1)
+    limits = [n for n in (None if rules.tools is None or rules.tools.parallel else 1,
+                          getattr(body, "max_tool_calls", None)) if n is not None]
+    tools = ((rules.format, rules.tools.names, min(limits) if limits else None)
              if rules.tools else None)
     return Prepared(inputs, params, stored, starts_in_reasoning(handle, inputs), tools=tools)
 
@@ -587,11 +591,12 @@ async def prepare_response(body: ResponsesRequest, handle: ModelHandle, raw: dic
     if (body.reasoning or {}).get("effort") == "none":
         kwargs.setdefault("enable_thinking", False)
     spec = tool_spec(body.tools, body.tool_choice, body.parallel_tool_calls, flat=True)
+    chat = chat_messages(messages, handle)
+    check_prompt_chars(handle, message_chars(chat) + tool_chars(spec, chat), "input")
     rules = await constraints(handle, spec, (body.text or {}).get("format")
                               if isinstance(body.text, dict) else body.text, "text.format",
                               flat=True)
-    chat, tool_kwargs = with_tools(handle, chat_messages(messages, handle), spec, rules.format)
-    check_prompt_chars(handle, message_chars(chat), "input")
+    chat, tool_kwargs = with_tools(handle, chat, spec, rules.format)
     inputs = await asyncio.to_thread(prepare_chat_inputs, handle, chat,
                                      {**template_kwargs(handle, kwargs), **tool_kwargs})
     stored = redact_media({**raw, "_input_items": items, "_conversation": history + items})

@@ -57,7 +57,10 @@ class SamplingParams:
 
 # JSON as json.dumps writes it (", " and ": "), with no free whitespace: a small model given
 # flexible whitespace can spend its whole budget on newlines inside a constrained object.
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# `oneOf` is enforced as `anyOf` (Pydantic's discriminated unions, whose branches exclude each
+# other by a const tag, would otherwise be refused).
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
+                "coerce_one_of": True}
 
 
 class GrammarError(ValueError):

@@ -246,7 +246,7 @@ class ResponsesRequest(Sampling):
     prompt: dict[str, Any] | None = None
     include: list[str] | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    max_tool_calls: int | None = None
+    max_tool_calls: int | None = Field(None, ge=1)
 
     chat_template_kwargs: dict[str, Any] | None = None
 

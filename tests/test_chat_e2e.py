@@ -330,6 +330,10 @@ BAD_REQUESTS = [
     ({"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}],
       "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400, "tool_choice"),
     ({"messages": QUESTION, "tool_choice": "required"}, 400, "tool_choice"),  # no tools
+    ({"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": "f"}}, 400, "tool_choice"),
+    ({"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": ["f"]}}}, 400, "tool_choice"),
     ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].tool_call_id"),
     ({"messages": QUESTION, "top_logprobs": 2}, 400, "top_logprobs"),  # needs logprobs: true
     ({"messages": QUESTION, "response_format": {"type": "grammar"}}, 400, "response_format.type"),

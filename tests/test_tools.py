@@ -88,6 +88,24 @@ def test_text_that_only_looks_like_a_tool_call_stays_content(text):
         assert parse(text, seed=seed) == [("content", text)]
 
 
+def test_whitespace_between_calls_is_not_content():
+    text = ('<tool_call>\n{"name": "add", "arguments": {}}\n</tool_call>\n<tool_call>\n'
+            '{"name": "add", "arguments": {"a": 5}}\n</tool_call>\n')
+    for seed in range(10):
+        assert parse(text, seed=seed) == [("tool_call", "add"), ("tool_arguments", "{}"),
+                                          ("tool_call", "add"), ("tool_arguments", '{"a": 5}')]
+    assert parse('<tool_call>{"name": "add", "arguments": 5}</tool_call> Done.')[-1] == (
+        "content", " Done.")
+
+
+def test_model_text_never_breaks_the_parser():
+    for text in ['<tool_call>{"name": "a\\qb", "arguments": {}}</tool_call>',
+                 '<tool_call>{"name": "a\nb", "arguments": {}}</tool_call>']:
+        assert parse(text) == [("content", text)]
+    lone = parse('<tool_call>{"arguments": {"a": "\\ud800"}, "name": "add"}</tool_call>')
+    lone[-1][1].encode("utf-8")  # a lone surrogate would not reach the wire
+
+
 def test_parallel_tool_calls_false_ends_the_turn_after_the_first_call():
     parser = ToolCallParser(TOOL_FORMATS["smollm2"], {"add"}, limit=1)
     out = parser.feed('<tool_call>[{"name": "add", "arguments": {"a": 1}}, {"name": "add", '
@@ -115,6 +133,15 @@ def test_unsupported_schema_keywords_are_named(table):
     with pytest.raises(GrammarError, match="uniqueItems"):
         Grammar("start: " + Grammar.json_schema({"type": "array", "uniqueItems": True}),
                 table[1])
+
+
+def test_forced_call_grammar_keeps_defs_references(table):
+    from constraints import ToolSpec, tool_grammar
+    params = {"$defs": {"Unit": {"enum": ["C", "F"]}}, "type": "object",
+              "properties": {"unit": {"$ref": "#/$defs/Unit"}}, "required": ["unit"]}
+    spec = ToolSpec([{"name": "f", "description": "", "parameters": params}], "required", True)
+    for fmt in TOOL_FORMATS.values():
+        Grammar(tool_grammar(spec, fmt), table[1])  # compiles: the reference resolves
 
 
 def test_a_grammar_row_draws_only_valid_json_from_noise(table):
