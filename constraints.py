@@ -147,9 +147,9 @@ def with_tools(handle: ModelHandle, messages: list[dict[str, Any]], spec: ToolSp
         if calls:
             text = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
                     for c in calls]
-            body = (json.dumps(text, ensure_ascii=False) if fmt.listed else "\n".join(
-                json.dumps(c, ensure_ascii=False) for c in text))
-            tag = f"{fmt.open}{body}{fmt.close}"
+            bodies = ([json.dumps(text, ensure_ascii=False)] if fmt.listed
+                      else [json.dumps(c, ensure_ascii=False) for c in text])  # a tag per call
+            tag = "\n".join(f"{fmt.open}{body}{fmt.close}" for body in bodies)
             if isinstance(m["content"], list):
                 m["content"] = m["content"] + [{"type": "text", "text": tag}]
             else:
