@@ -39,14 +39,21 @@ class ToolSpec:
     functions: list[dict[str, Any]]
     choice: str
     parallel: bool
+    max_calls: int | None = None  # Responses' max_tool_calls
 
     @property
     def names(self) -> frozenset[str]:
         return frozenset(f["name"] for f in self.functions)
 
+    @property
+    def limit(self) -> int | None:
+        """Most calls in one turn (the parser ends the turn there); None: no limit."""
+        limits = [n for n in (None if self.parallel else 1, self.max_calls) if n is not None]
+        return min(limits) if limits else None
+
 
 def tool_spec(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: bool | None,
-              flat: bool) -> ToolSpec | None:
+              flat: bool, max_calls: int | None = None) -> ToolSpec | None:
     """The request's function tools, checked; None when no tool may be called (no tools, or
     tool_choice "none": the tools then stay out of the prompt too). `flat`: Responses' shape
     ({"type": "function", "name", ...}), else chat's ({"type": "function", "function": {...}}).
@@ -84,7 +91,7 @@ def tool_spec(tools: list[dict[str, Any]] | None, tool_choice: Any, parallel: bo
                                          "function", True)
     if choice == "none":
         return None
-    return ToolSpec(functions, choice, parallel is not False)
+    return ToolSpec(functions, choice, parallel is not False, max_calls)
 
 
 def tool_format(handle: ModelHandle) -> ToolFormat:

@@ -96,6 +96,13 @@ def token_piece(tokenizer, token_id: int) -> tuple[str, list[int]]:
     return text, list(text.encode("utf-8"))
 
 
+def partial_tail(text: str, tag: str) -> int:
+    """Length of the longest end of `text` that begins `tag` (but is not all of it): what a
+    matcher must hold back until the next piece says whether the tag follows."""
+    return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1)
+                 if text.endswith(tag[:k])), 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Stop sequences
 # ---------------------------------------------------------------------------------------------
@@ -124,12 +131,7 @@ class StopMatcher:
         if hits:
             self.stopped, self.held = True, ""
             return buf[:min(hits)]
-        keep = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(buf)), keep, -1):
-                if buf.endswith(s[:k]):
-                    keep = k
-                    break
+        keep = max(partial_tail(buf, s) for s in self.stops)
         self.held = buf[len(buf) - keep:] if keep else ""
         return buf[:len(buf) - keep]
 
@@ -198,8 +200,7 @@ class ReasoningParser:
                 self.state, self.strip_newlines = "content", True
                 buf = buf[end + len(THINK_CLOSE):]
                 continue
-            keep = next((k for k in range(min(len(THINK_CLOSE) - 1, len(buf)), 0, -1)
-                         if buf.endswith(THINK_CLOSE[:k])), 0)
+            keep = partial_tail(buf, THINK_CLOSE)
             if len(buf) > keep:
                 out.append(("reasoning", buf[:len(buf) - keep]))
             self.held = buf[len(buf) - keep:]
@@ -348,8 +349,7 @@ class ToolCallParser:
             self.state, self.calls_in_tag, self.listed = "body", 0, False
             self.obj = ""
             return True
-        keep = next((k for k in range(min(len(self.fmt.open) - 1, len(self.buf)), 0, -1)
-                     if self.buf.endswith(self.fmt.open[:k])), 0)
+        keep = partial_tail(self.buf, self.fmt.open)
         if len(self.buf) > keep:
             out.append(("content", self.buf[:len(self.buf) - keep]))
             self.buf = self.buf[len(self.buf) - keep:]

@@ -558,10 +558,7 @@ def prepared(handle: ModelHandle, body: Any, inputs: dict[str, torch.Tensor],
     reasoning split and the tool-call parsing."""
     params = sampling_params(body, handle, int(inputs["input_ids"].shape[-1]))
     params.grammar = rules.grammar
-    limits = [n for n in (None if rules.tools is None or rules.tools.parallel else 1,
-                          getattr(body, "max_tool_calls", None)) if n is not None]
-    tools = ((rules.format, rules.tools.names, min(limits) if limits else None)
-             if rules.tools else None)
+    tools = (rules.format, rules.tools.names, rules.tools.limit) if rules.tools else None
     return Prepared(inputs, params, stored, starts_in_reasoning(handle, inputs), tools=tools)
 
 
@@ -590,7 +587,8 @@ async def prepare_response(body: ResponsesRequest, handle: ModelHandle, raw: dic
     kwargs = dict(body.chat_template_kwargs or {})
     if (body.reasoning or {}).get("effort") == "none":
         kwargs.setdefault("enable_thinking", False)
-    spec = tool_spec(body.tools, body.tool_choice, body.parallel_tool_calls, flat=True)
+    spec = tool_spec(body.tools, body.tool_choice, body.parallel_tool_calls, flat=True,
+                     max_calls=body.max_tool_calls)
     chat = chat_messages(messages, handle)
     check_prompt_chars(handle, message_chars(chat) + tool_chars(spec, chat), "input")
     rules = await constraints(handle, spec, (body.text or {}).get("format")

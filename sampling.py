@@ -94,13 +94,12 @@ class Grammar:
 
     def __init__(self, lark: str, table: llguidance.LLTokenizer):
         self.lark = lark
-        grammar = llguidance.LLMatcher.grammar_from_lark(lark)
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, table)
-        if is_error or messages:
-            raise GrammarError("; ".join(messages) or "invalid grammar")
-        self.matcher = llguidance.LLMatcher(table, grammar)
-        if self.matcher.is_error():
-            raise GrammarError(self.matcher.get_error())
+        # Compiled once: the matcher reports errors and warnings (ignored keywords) itself.
+        self.matcher = llguidance.LLMatcher(table, llguidance.LLMatcher.grammar_from_lark(lark))
+        problems = ([self.matcher.get_error()] if self.matcher.is_error()
+                    else self.matcher.get_grammar_warnings())
+        if problems:
+            raise GrammarError("; ".join(problems))
 
     @staticmethod
     def json_schema(schema: dict[str, Any]) -> str:
@@ -217,37 +216,38 @@ class RowSampler:
             self.counts[token] = self.counts.get(token, 0) + 1
 
     def _process(self, logits: torch.Tensor) -> torch.Tensor:
-        scores = logits
+        hold_eos = self.generated < self.min_new and bool(self.eos_ids)
+        if not (self.seen or (self.penalize and self.counts) or self.bias is not None
+                or hold_eos or (self.matcher is not None and self.grammar_on)):
+            return logits
+        scores = logits.clone()  # one copy per token; the processors below work in place
         if self.seen:
             ids = torch.tensor(list(self.seen), device=scores.device)
             picked = scores[ids]
             rp = self.p.repetition_penalty
-            scores = scores.clone()
             scores[ids] = torch.where(picked < 0, picked * rp, picked / rp)
         if self.penalize and self.counts:
             # logits[t] -= count[t] * frequency + (count[t] > 0) * presence (OpenAI API reference)
             ids = torch.tensor(list(self.counts.keys()), device=scores.device)
             counts = torch.tensor(list(self.counts.values()), device=scores.device,
                                   dtype=scores.dtype)
-            scores = scores.clone()
             scores[ids] -= self.p.frequency_penalty * counts + self.p.presence_penalty
         if self.bias is not None:
             ids, values = self.bias
             if ids.device != scores.device or values.dtype != scores.dtype:
                 self.bias = ids, values = ids.to(scores.device), values.to(scores.device,
                                                                             scores.dtype)
-            scores = scores.clone()
             scores[ids] += values
-        if self.generated < self.min_new and self.eos_ids:
-            scores = scores.clone()
+        if hold_eos:
             scores[[i for i in self.eos_ids if i < len(scores)]] = -math.inf
         if self.matcher is not None and self.grammar_on:
             # Last, so nothing after it can lift a token the grammar forbids.
-            allowed = grammar_mask(self.matcher, scores.shape[-1]).to(scores.device)
-            masked = scores.masked_fill(~allowed, -math.inf)
-            # The grammar wins over min_tokens and logit_bias when they leave nothing it allows.
-            scores = (masked if bool(torch.isfinite(masked).any())
-                      else logits.masked_fill(~allowed, -math.inf))
+            forbidden = ~grammar_mask(self.matcher, scores.shape[-1]).to(scores.device)
+            scores.masked_fill_(forbidden, -math.inf)
+            # The grammar wins over min_tokens and logit_bias when they leave nothing it
+            # allows. Only they can: checked only then (the check syncs a GPU every token).
+            if (hold_eos or self.bias is not None) and not bool(torch.isfinite(scores).any()):
+                scores = logits.masked_fill(forbidden, -math.inf)
         return scores
 
     def _draw(self, scores: torch.Tensor) -> int:
