@@ -61,11 +61,16 @@ class StoreUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Event:
-    """One log entry: SSE `id` is `f"{session_id}:{index}"`, `data` the SSE data field verbatim."""
+    """One log entry: SSE `id` is `f"{session_id}:{index}"`, `data` the SSE data field verbatim.
+
+    `meta` is never sent: what the runtime needs to continue the generation after a crash
+    (the token ids that produced this event; runtime.Progress), persisted with the event.
+    """
 
     index: int
     data: str
     event: str | None = None
+    meta: str | None = None
 
 
 @dataclass(eq=False)
@@ -285,15 +290,16 @@ class SessionStore:
 
     def append_many(self, s: Session, items: list[tuple[str, str | None]],
                     state: str | None = None, finish_reason: str | None = None,
-                    usage: dict[str, Any] | None = None) -> None:
+                    usage: dict[str, Any] | None = None, meta: str | None = None) -> None:
         """Append (data, event) items, and optionally move to `state`, in one transaction.
 
         What one engine callback produces (an item opened with its part, or the terminal events
-        with the terminal state) is committed together, so a crash never splits it.
+        with the terminal state) is committed together, so a crash never splits it. `meta`
+        goes with the last item (`Event.meta`).
         """
         events = []
-        for data, event in items:
-            ev = Event(s.next_index, data, event)
+        for k, (data, event) in enumerate(items):
+            ev = Event(s.next_index, data, event, meta if k == len(items) - 1 else None)
             s.ring.append(ev)
             s.next_index += 1
             events.append(ev)

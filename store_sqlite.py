@@ -33,7 +33,7 @@ from store import (ACTIVE_STATES, TERMINAL_STATES, Event, EventsGone, Session, S
 
 log = logging.getLogger("resumable.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: events.meta
 
 # ---------------------------------------------------------------------------------------------
 # Schema and statements
@@ -57,6 +57,7 @@ CREATE TABLE IF NOT EXISTS events (
     idx INTEGER NOT NULL,
     event TEXT,
     data TEXT NOT NULL,
+    meta TEXT,
     PRIMARY KEY (session_id, idx)
 ) WITHOUT ROWID;
 """
@@ -135,6 +136,7 @@ class SQLiteEventLog:
             self._lock = await self._take_lock(self.lock_timeout_seconds)
             self._db = await self._connect()
             await self._db.executescript(_SCHEMA)
+            await self._migrate()
             await self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             await self._db.commit()
             rows = await self._load()
@@ -148,6 +150,12 @@ class SQLiteEventLog:
         self._writer = asyncio.create_task(self._write_loop(), name="session-store-writer")
         self._watcher = asyncio.create_task(self._watch(), name="session-store-watcher")
         return rows
+
+    async def _migrate(self) -> None:
+        """Bring a database of an older SCHEMA_VERSION up to date (columns only ever added)."""
+        columns = {r[1] for r in await self._db.execute_fetchall("PRAGMA table_info(events)")}
+        if "meta" not in columns:
+            await self._db.execute("ALTER TABLE events ADD COLUMN meta TEXT")
 
     async def _take_lock(self, timeout: float) -> FileLock:
         """Lock `<db_path>.lock` for this store's life, waiting up to `timeout` seconds.
@@ -310,7 +318,6 @@ class SQLiteEventLog:
         """Delete the session row and its events."""
         self._writes.put_nowait(("delete", session_id))
 
-
     # --- reading -----------------------------------------------------------------------------
 
     async def fetch(self, session_id: str, start: int, stop: int) -> list[Event]:
@@ -318,15 +325,13 @@ class SQLiteEventLog:
 
         Raises EventsGone if none is stored."""
         async with self._db.execute(
-            "SELECT idx, data, event FROM events WHERE session_id=? AND idx>=? AND idx<?"
+            "SELECT idx, data, event, meta FROM events WHERE session_id=? AND idx>=? AND idx<?"
             " ORDER BY idx LIMIT ?", (session_id, start, stop, _REPLAY_PAGE)
         ) as cursor:
             rows = await cursor.fetchall()
         if not rows:
             raise EventsGone(session_id, start, stop)
-        return [Event(r[0], r[1], r[2]) for r in rows]
-
-    # --- the writer (group commit) -----------------------------------------------------------
+        return [Event(r[0], r[1], r[2], r[3]) for r in rows]
 
     # --- the writer (group commit) -----------------------------------------------------------
 
@@ -345,7 +350,8 @@ class SQLiteEventLog:
         """
         if rows:
             cursor = await self._db.executemany(
-                "INSERT OR IGNORE INTO events (session_id, idx, event, data) VALUES (?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO events (session_id, idx, event, data, meta)"
+                " VALUES (?, ?, ?, ?, ?)",
                 rows)
             if cursor.rowcount != len(rows):
                 log.error("session store %s: refused an attempt to overwrite %d existing events "
@@ -373,7 +379,7 @@ class SQLiteEventLog:
                 rows: list[tuple] = []
                 for op in batch:
                     if op[0] == "event":
-                        rows.append((op[1].id, op[2].index, op[2].event, op[2].data))
+                        rows.append((op[1].id, op[2].index, op[2].event, op[2].data, op[2].meta))
                         continue
                     await self._insert_events(rows)
                     if op[0] == "session":
