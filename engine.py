@@ -43,19 +43,43 @@ log = logging.getLogger("resumable.engine")
 class JobSink(Protocol):
     """Where a job's output goes. Called on the engine thread; implementations hand the work
     to their own loop (runtime.SessionSink). Token counts are counts of generated tokens;
-    `index` is the choice index (prompt index * n + choice of that prompt)."""
+    `index` is the choice index (prompt index * n + choice of that prompt).
+
+    `delta` and `choice_finished` carry what one sampled token produced: text `parts`
+    ((channel, text) pairs, possibly several: `</think>` ends reasoning and starts content),
+    the logprob entries of the tokens that text shows (ride on the first part), and `tokens`,
+    the ids accepted since the last call for this choice (held-back tokens of a partial stop
+    string or tag come with the text they finally produce). A sink that persists these with
+    the text can continue the choice after a crash (GenerationJob.resume). `seed` is the
+    row's generator seed (drawn when the request has none).
+    """
 
     def started(self, prompt_tokens: int) -> None: ...
 
-    def delta(self, text: str, completion_tokens: int, channel: str = "content",
-              index: int = 0, logprobs: list[dict[str, Any]] | None = None) -> None: ...
+    def delta(self, index: int, parts: list[tuple[str, str]], completion_tokens: int,
+              logprobs: list[dict[str, Any]] | None, tokens: list[int], seed: int) -> None: ...
 
-    def choice_finished(self, index: int, reason: str) -> None: ...
+    def choice_finished(self, index: int, reason: str, parts: list[tuple[str, str]],
+                        completion_tokens: int, reasoning_tokens: int,
+                        logprobs: list[dict[str, Any]] | None, tokens: list[int]) -> None: ...
 
     def finished(self, reason: str, prompt_tokens: int, completion_tokens: int,
                  reasoning_tokens: int = 0) -> None: ...
 
     def failed(self, message: str) -> None: ...
+
+
+@dataclass
+class Resume:
+    """Where a crashed generation stood, per choice index: the token ids generated and
+    delivered (`tokens`), each row's generator seed, and the choices already finished
+    (reason, completion_tokens, reasoning_tokens). The engine re-prefills prompt + tokens,
+    replays them through the sampler (penalties, grammar) and the text pipeline (decoder,
+    stop matcher, parsers) without output, and goes on at the next token."""
+
+    tokens: dict[int, list[int]] = field(default_factory=dict)
+    seeds: dict[int, int] = field(default_factory=dict)
+    done: dict[int, tuple[str, int, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -76,6 +100,7 @@ class GenerationJob:
     # Tool calls to parse out of the content: (format, function names offered, most calls
     # per turn or None).
     tools: tuple[ToolFormat, frozenset[str], int | None] | None = None
+    resume: Resume | None = None  # a generation continued after a crash
     submitted_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -113,6 +138,7 @@ class Row:
     last_token: int = 0
     completion_tokens: int = 0
     pending: list[dict[str, Any]] = field(default_factory=list)  # logprobs not yet sent
+    unsent: list[int] = field(default_factory=list)  # token ids not yet sent with text
     last_at: float = 0.0
 
 
@@ -386,14 +412,16 @@ class Engine:
         try:
             joined: list[tuple[DynamicCache, list[Row], int]] = []
             for p_index, inputs in enumerate(job.prompts):
-                cache, logits, delta, length = self._prefill(inputs)
-                rows = [self._new_row(state, p_index * job.params.n + c, inputs, delta, length)
-                        for c in range(job.params.n)]
-                if job.params.n > 1:
-                    cache.batch_repeat_interleave(job.params.n)
-                joined.append((cache, rows, length))
-                for row in rows:
-                    self._accept(row, row.sampler(logits))
+                for tokens, indices in self._prefill_groups(state, p_index):
+                    cache, logits, delta, length = self._prefill(inputs, tokens)
+                    rows = [self._new_row(state, i, inputs, delta, length) for i in indices]
+                    for row in rows:
+                        self._replay(row, tokens)
+                    if len(rows) > 1:
+                        cache.batch_repeat_interleave(len(rows))
+                    joined.append((cache, rows, length))
+                    for row in rows:
+                        self._accept(row, row.sampler(logits))
         except GenerationCancelled:
             self.prefilling = None
             self._end_job(state, "cancelled")
@@ -419,13 +447,47 @@ class Engine:
         if state.running == 0:
             self._end_job(state, None)
 
-    def _prefill(self, inputs: dict[str, torch.Tensor]
+    def _prefill_groups(self, state: JobState, p_index: int) -> list[tuple[list[int], list[int]]]:
+        """The prefills prompt `p_index` needs: (generated tokens to append, choice indices
+        that share them). A new job: one, shared by its n choices. A resumed one: a prefill
+        per distinct continuation; finished choices only count toward usage."""
+        n, resume = state.job.params.n, state.job.resume
+        indices = [p_index * n + c for c in range(n)]
+        if resume is None:
+            return [([], indices)]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i in indices:
+            if i in resume.done:
+                reason, completion, reasoning = resume.done[i]
+                state.reasons[i] = reason
+                state.completion_tokens += completion
+                state.reasoning_tokens += reasoning
+            else:
+                groups.setdefault(tuple(resume.tokens.get(i, ())), []).append(i)
+        return [(list(tokens), group) for tokens, group in groups.items()]
+
+    def _prefill(self, inputs: dict[str, torch.Tensor], tokens: list[int] = ()
                  ) -> tuple[DynamicCache, torch.Tensor, int, int]:
-        """One prompt's forward pass, batch 1. Returns (its cache, last logits (vocab,),
-        its M-RoPE delta, its length)."""
+        """One prompt's forward pass, batch 1, with `tokens` already generated appended.
+        Returns (its cache, last logits (vocab,), its M-RoPE delta, its length)."""
         model = self.handle.model
         if self.mrope:
             model.model.rope_deltas = None  # the last prefill's, not this one's
+        if tokens:
+            ids = inputs["input_ids"]
+            # Per-token inputs grow with the text: ids by the tokens, the mask by ones, any
+            # other (1, length) tensor (Qwen-VL's mm_token_type_ids) by zeros: plain text.
+            grown = dict(inputs)
+            for key, value in inputs.items():
+                if key == "input_ids":
+                    tail = torch.tensor([tokens], dtype=ids.dtype)
+                elif value.dim() == 2 and value.shape == ids.shape:
+                    fill = 1 if key == "attention_mask" else 0
+                    tail = torch.full((1, len(tokens)), fill, dtype=value.dtype)
+                else:
+                    continue
+                grown[key] = torch.cat([value, tail], dim=-1)
+            inputs = grown
         kwargs = {k: v.to(model.device) for k, v in inputs.items()}
         kwargs[self.cache_arg] = DynamicCache()
         if self.keep_arg:
@@ -444,13 +506,29 @@ class Engine:
         job, p = state.job, state.job.params
         prompt = inputs["input_ids"][0].tolist()
         state.running += 1
-        sampler = RowSampler(p, prompt, self.handle.eos_token_ids,
-                             row_seed(p.seed, index % p.n if p.n else 0), self._token_text)
+        resume = job.resume
+        seed = (resume.seeds[index] if resume and index in resume.seeds
+                else row_seed(p.seed, index % p.n if p.n else 0))
+        sampler = RowSampler(p, prompt, self.handle.eos_token_ids, seed, self._token_text)
         sampler.grammar_on = not job.starts_in_reasoning  # constrain the answer, not the thought
         return Row(job=state, index=index, prompt_len=length, length=length, rope_delta=delta,
                    sampler=sampler,
                    text=TextPipeline(self.handle.tokenizer, p.stop, job.starts_in_reasoning,
                                      ToolCallParser(*job.tools) if job.tools else None))
+
+    def _replay(self, row: Row, tokens: list[int]) -> None:
+        """Bring a resumed row to where it stood after `tokens`: the sampler's penalties and
+        grammar, the text pipeline's decoder and parsers. Their text was delivered already."""
+        for token in tokens:
+            row.sampler.accept(token)
+            row.text.push(token)
+            if not row.sampler.grammar_on and row.text.answering:
+                row.sampler.grammar_on = True
+        if tokens:
+            row.last_token = tokens[-1]
+        row.completion_tokens = len(tokens)
+        row.job.completion_tokens += len(tokens)
+        row.job.reasoning_tokens += row.text.reasoning_tokens
 
     def _token_text(self, token: int) -> tuple[str, list[int]]:
         piece = self.token_text.get(token)
@@ -539,26 +617,29 @@ class Engine:
         COMPLETION_TOKENS.inc()
         if entry is not None and token not in self.handle.eos_token_ids:
             row.pending.append(entry)  # the end token is not part of the text: no entry
+        row.unsent.append(token)
         before = row.text.reasoning_tokens
         parts = row.text.push(token)
         state.reasoning_tokens += row.text.reasoning_tokens - before
         if not row.sampler.grammar_on and row.text.answering:
             row.sampler.grammar_on = True
-        self._emit(row, parts)
         reason = self._finish_reason(row, token)
+        sink = state.job.sink
+        # Logprob entries ride on the first part after their tokens (entries of tokens whose
+        # text never shows, cut by a stop string, are dropped with it); token ids wait for
+        # text, so a crash never leaves delivered text without the tokens behind it.
         if reason is not None:
-            self._emit(row, row.text.flush())
             state.reasons[row.index] = reason
             state.running -= 1
-            state.job.sink.choice_finished(row.index, reason)
-
-    def _emit(self, row: Row, parts: list[tuple[str, str]]) -> None:
-        """Send text parts; logprob entries ride on the first part after their tokens (entries
-        of tokens whose text never shows, cut by a stop string, are dropped with it)."""
-        sink = row.job.job.sink
-        for channel, text in parts:
-            sink.delta(text, row.completion_tokens, channel, row.index, row.pending or None)
-            row.pending = []
+            parts += row.text.flush()
+            sink.choice_finished(row.index, reason, parts, row.completion_tokens,
+                                 row.text.reasoning_tokens, row.pending or None, row.unsent)
+        elif parts:
+            sink.delta(row.index, parts, row.completion_tokens, row.pending or None,
+                       row.unsent, row.sampler.seed)
+        else:
+            return
+        row.pending, row.unsent = [], []
 
     def _finish_reason(self, row: Row, token: int) -> str | None:
         p = row.job.job.params

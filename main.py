@@ -34,7 +34,8 @@ from routes import (cancel_response, cancel_session, chat_completions, compact_r
                     completions, create_response, delete_response, delete_session, get_session,
                     health, list_models, ready, response_input_items_route, retrieve_model,
                     retrieve_response, stream_session, validation_error)
-from runtime import Runtime, formatters_for, recover, sweep_loop
+from prepare import prepare_stored
+from runtime import Runtime, continue_sessions, formatters_for, recover, sweep_loop
 from schemas import APIError, ErrorResponse, error_body, error_response
 from security import APIKeyMiddleware, BodyLimitMiddleware, HostCheckMiddleware, split_list
 from settings import settings
@@ -83,7 +84,10 @@ async def lifespan(app: FastAPI):
     rt = Runtime(store, engine, asyncio.get_running_loop())
     app.state.runtime = rt
     formatters_for(rt, list(store.sessions.values()))
-    await recover(rt, [s for s in unfinished if not s.terminal])
+    # Generations the last process left running go on once the model is loaded.
+    resumable = await recover(rt, [s for s in unfinished if not s.terminal], handle.name)
+    continuing = asyncio.create_task(continue_sessions(
+        rt, handle, resumable, lambda s: prepare_stored(handle, s.kind, s.request)))
 
     def load() -> None:
         load_model(handle)
@@ -100,8 +104,14 @@ async def lifespan(app: FastAPI):
         # Each step runs whatever the one before did: a store left open keeps the process
         # (aiosqlite's thread) and the database lock alive.
         sweeper.cancel()
+        continuing.cancel()
         try:
-            rt.interrupt_all()
+            # With a durable log, running generations are left to the next start to continue
+            # (a restart is then invisible but for the pause); else they end interrupted.
+            if settings.continue_after_restart and store.event_log is not None:
+                rt.suspend_all()
+            else:
+                rt.interrupt_all()
         finally:
             try:
                 await asyncio.to_thread(engine.stop)

@@ -599,3 +599,26 @@ async def prepare_response(body: ResponsesRequest, handle: ModelHandle, raw: dic
                                      {**template_kwargs(handle, kwargs), **tool_kwargs})
     stored = redact_media({**raw, "_input_items": items, "_conversation": history + items})
     return prepared(handle, body, inputs, stored, rules)
+
+
+# ---------------------------------------------------------------------------------------------
+# Again, after a crash: a stored request -> the same Prepared
+# ---------------------------------------------------------------------------------------------
+
+
+async def prepare_stored(handle: ModelHandle, kind: str, stored: dict[str, Any]) -> Prepared:
+    """The Prepared a session's stored request makes again (to continue its generation after
+    a restart): the same template, tokens and sampling, as nothing they depend on is random.
+    `kind` is the session's (a formatter kind). Raises APIError when the inputs are gone:
+    inline media is stored only as its SHA-256 (redact_media), so such a prompt cannot be
+    rebuilt."""
+    raw = {k: v for k, v in stored.items() if not k.startswith("_")}
+    if kind == "chat.completion":
+        return await prepare_chat(ChatCompletionRequest.model_validate(raw), handle, raw)
+    if kind == "text_completion":
+        return await prepare_completion(CompletionRequest.model_validate(raw), handle, raw)
+    if kind == "response":
+        conversation, items = stored.get("_conversation", []), stored.get("_input_items", [])
+        return await prepare_response(ResponsesRequest.model_validate(raw), handle, raw,
+                                      conversation[:len(conversation) - len(items)])
+    raise APIError(400, f"sessions of kind {kind!r} cannot be continued")

@@ -5,6 +5,7 @@ cancel, recovery after a restart, and expiry. The only writer to the store.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -12,11 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-from engine import Engine, GenerationJob
+from engine import Engine, GenerationJob, Resume
 from formatters import FORMATTERS, Formatter, Out, usage_object
 from prepare import Prepared
 from settings import settings
-from store import Session, SessionStore
+from store import Event, Session, SessionStore
 from telemetry import GENERATIONS_FINISHED
 
 log = logging.getLogger("resumable.runtime")
@@ -34,12 +35,24 @@ FINISH_STATES = {"stop": "completed", "length": "completed", "tool_calls": "comp
 class SessionSink:
     """The engine's way back to the event loop: each method is called on the engine thread and
     runs its work on the loop. Once the session is terminal (cancelled from outside, deleted,
-    server stopping) later calls change nothing."""
+    server stopping) or the sink is closed (the server stops and the generation will continue
+    at the next start), later calls change nothing.
 
-    def __init__(self, runtime: "Runtime", s: Session, prompt_tokens: int):
+    Each text event carries in `Event.meta` the token ids behind it (and each choice's seed and
+    the prompt's size once, a finished choice's counts): `Progress.of` reads them back after a
+    crash. One engine call is one `append_many`, so text and tokens commit together."""
+
+    def __init__(self, runtime: "Runtime", s: Session, prompt_tokens: int,
+                 resume: Resume | None = None):
         self.runtime, self.s, self.live = runtime, s, runtime.live[s.id]
-        self.completion_tokens: dict[int, int] = {}  # per choice index
         self.prompt_tokens = prompt_tokens
+        self.completion_tokens: dict[int, int] = {}  # per choice index
+        if resume is not None:
+            self.completion_tokens = {c: len(t) for c, t in resume.tokens.items()}
+            self.completion_tokens.update({c: d[1] for c, d in resume.done.items()})
+        self.carry: dict[int, list[int]] = {}  # tokens of text that made no event (yet)
+        self.described: set[int] = set()  # choices whose seed and prompt size are stored
+        self.closed = False
 
     def _call(self, fn, *args) -> None:
         try:
@@ -50,12 +63,15 @@ class SessionSink:
     def started(self, prompt_tokens: int) -> None:
         self._call(self._started, prompt_tokens)
 
-    def delta(self, text: str, completion_tokens: int, channel: str = "content",
-              index: int = 0, logprobs: list[dict[str, Any]] | None = None) -> None:
-        self._call(self._delta, text, completion_tokens, channel, index, logprobs)
+    def delta(self, index: int, parts: list[tuple[str, str]], completion_tokens: int,
+              logprobs: list[dict[str, Any]] | None, tokens: list[int], seed: int) -> None:
+        self._call(self._delta, index, parts, completion_tokens, logprobs, list(tokens), seed)
 
-    def choice_finished(self, index: int, reason: str) -> None:
-        self._call(self._choice_finished, index, reason)
+    def choice_finished(self, index: int, reason: str, parts: list[tuple[str, str]],
+                        completion_tokens: int, reasoning_tokens: int,
+                        logprobs: list[dict[str, Any]] | None, tokens: list[int]) -> None:
+        self._call(self._choice_finished, index, reason, parts, completion_tokens,
+                   reasoning_tokens, logprobs, list(tokens))
 
     def finished(self, reason: str, prompt_tokens: int, completion_tokens: int,
                  reasoning_tokens: int = 0) -> None:
@@ -63,30 +79,60 @@ class SessionSink:
                    usage_object(prompt_tokens, completion_tokens, reasoning_tokens))
 
     def failed(self, message: str) -> None:
-        self._call(self.runtime.fail, self.s, message)
+        self._call(self._failed, message)
+
+    def _failed(self, message: str) -> None:
+        if not self.closed:
+            self.runtime.fail(self.s, message)
 
     def _open(self) -> bool:
-        return not (self.s.terminal or self.s.deleted)
+        return not (self.s.terminal or self.s.deleted or self.closed)
 
     def _started(self, prompt_tokens: int) -> None:
         self.prompt_tokens = prompt_tokens
-        if self._open():
-            self.runtime.store.set_state(self.s, "in_progress")
-            self.runtime.append_all(self.s, self.live.formatter.start())
+        # A continued generation started before the crash: its opening events are stored.
+        if self._open() and self.s.state == "queued":
+            self.runtime.store.append_many(self.s, self.live.formatter.start(), "in_progress")
 
-    def _delta(self, text: str, completion_tokens: int, channel: str, index: int,
-               logprobs: list[dict[str, Any]] | None) -> None:
+    def _text_events(self, index: int, parts: list[tuple[str, str]],
+                     logprobs: list[dict[str, Any]] | None) -> list[Out]:
+        out: list[Out] = []
+        for k, (channel, text) in enumerate(parts):
+            out += self.live.formatter.delta(text, channel, index, logprobs if k == 0 else None)
+        return out
+
+    def _append(self, index: int, events: list[Out], meta: dict[str, Any]) -> None:
+        """Append `events` with `meta`; tokens of text that made no event wait for the next."""
+        meta["t"] = self.carry.pop(index, []) + meta["t"]
+        if not events:
+            self.carry[index] = meta["t"]
+            return
+        if index not in self.described:
+            self.described.add(index)
+            meta["p"] = self.prompt_tokens
+        self.runtime.store.append_many(self.s, events, meta=json.dumps(meta,
+                                                                       separators=(",", ":")))
+
+    def _delta(self, index: int, parts: list[tuple[str, str]], completion_tokens: int,
+               logprobs: list[dict[str, Any]] | None, tokens: list[int], seed: int) -> None:
         self.completion_tokens[index] = completion_tokens
         if self._open():
-            self.runtime.append_all(self.s, self.live.formatter.delta(text, channel, index,
-                                                                      logprobs))
+            self._append(index, self._text_events(index, parts, logprobs),
+                         {"c": index, "t": tokens, "s": seed})
 
-    def _choice_finished(self, index: int, reason: str) -> None:
+    def _choice_finished(self, index: int, reason: str, parts: list[tuple[str, str]],
+                         completion_tokens: int, reasoning_tokens: int,
+                         logprobs: list[dict[str, Any]] | None, tokens: list[int]) -> None:
+        self.completion_tokens[index] = completion_tokens
         if self._open():
-            self.runtime.append_all(self.s, self.live.formatter.choice_finish(index, reason))
+            events = (self._text_events(index, parts, logprobs)
+                      + self.live.formatter.choice_finish(index, reason))
+            self._append(index, events, {"c": index, "t": tokens, "f": reason,
+                                         "n": completion_tokens, "r": reasoning_tokens})
 
     def _finished(self, reason: str, usage: dict[str, int]) -> None:
-        self.runtime.finish(self.s, reason, usage)
+        if not self.closed:
+            self.runtime.finish(self.s, reason, usage)
 
     def usage_so_far(self) -> dict[str, int]:
         return usage_object(self.prompt_tokens, sum(self.completion_tokens.values()))
@@ -133,16 +179,16 @@ class Runtime:
         self.append_all(s, live.formatter.created())
         return s
 
-    def start(self, s: Session, prepared: Prepared) -> None:
+    def start(self, s: Session, prepared: Prepared, resume: Resume | None = None) -> None:
         """Queue the session's generation: inputs as `prepare` made them (`input_ids`
         (1, prompt_tokens), vision tensors; `more_inputs` for further prompts), sampling, the
-        reasoning split and tool calls to parse; arm the disconnect timer (no client may ever
-        attach)."""
+        reasoning split and tool calls to parse, and where a crashed run stood (`resume`);
+        arm the disconnect timer (no client may ever attach)."""
         live = self.live[s.id]
         job = GenerationJob(s.id, live.cancel, prepared.inputs, prepared.params, None,
                             prepared.starts_in_reasoning, list(prepared.more_inputs),
-                            prepared.tools)
-        job.sink = self.sinks[s.id] = SessionSink(self, s, job.prompt_tokens)
+                            prepared.tools, resume)
+        job.sink = self.sinks[s.id] = SessionSink(self, s, job.prompt_tokens, resume)
         self.engine.submit(job)
         live.last_detached_at = time.monotonic()
         self.arm_disconnect_timer(s)
@@ -235,6 +281,15 @@ class Runtime:
         self.live.pop(s.id, None)
         await self.store.delete(s.id)
 
+    def suspend_all(self) -> None:
+        """On shutdown, when generations continue at the next start: stop every running
+        generation without an ending. What was committed stays; the sessions stay `queued` or
+        `in_progress` in the log, and the next start continues them (`recover`)."""
+        for sid, sink in list(self.sinks.items()):
+            sink.closed = True
+            self.live[sid].cancel.set()
+        self.sinks.clear()
+
     def interrupt_all(self) -> None:
         """On shutdown: end every unfinished session as `interrupted`."""
         for s in list(self.store.sessions.values()):
@@ -266,19 +321,105 @@ def formatters_for(rt: Runtime, sessions: list[Session]) -> None:
                 rt.store.set_state(s, "failed")
 
 
-async def recover(rt: Runtime, unfinished: list[Session]) -> None:
-    """Sessions that were running when the server stopped end as `interrupted`: their stored
-    events stay, then the terminal events and `[DONE]` (docs/wire-contract.md, Sessions).
-    Stateful formatters first see the stored events, so their ending matches them."""
+@dataclass
+class Progress:
+    """Where a session's generation stood, read back from the `Event.meta` of its stored
+    events (SessionSink): the engine's `Resume` and the prompt's size (None if no text event
+    was stored)."""
+
+    resume: Resume
+    prompt_tokens: int | None = None
+
+    @classmethod
+    def of(cls, events: list[Event]) -> "Progress":
+        r, prompt_tokens = Resume(), None
+        for ev in events:
+            if not ev.meta:
+                continue
+            try:
+                m = json.loads(ev.meta)
+                c, tokens = int(m["c"]), [int(x) for x in m.get("t", [])]
+                if "f" in m:
+                    r.done[c] = (str(m["f"]), int(m["n"]), int(m["r"]))
+                if "s" in m:
+                    r.seeds[c] = int(m["s"])
+                if "p" in m:
+                    prompt_tokens = int(m["p"])
+            except (ValueError, KeyError, TypeError):
+                log.warning("event %d has unreadable meta %r; ignored", ev.index, ev.meta[:80])
+                continue
+            r.tokens.setdefault(c, []).extend(tokens)
+        return cls(r, prompt_tokens)
+
+    def usage(self) -> dict[str, Any] | None:
+        """Usage of what was delivered (reasoning counted for finished choices only)."""
+        if self.prompt_tokens is None:
+            return None
+        r = self.resume
+        completion = sum(len(t) for c, t in r.tokens.items() if c not in r.done)
+        return usage_object(self.prompt_tokens, completion + sum(d[1] for d in r.done.values()),
+                            sum(d[2] for d in r.done.values()))
+
+
+async def recover(rt: Runtime, unfinished: list[Session], model_name: str
+                  ) -> list[tuple[Session, Progress]]:
+    """Sessions that were running when the server stopped: their formatters first see the
+    stored events (so what they append continues them). Those the engine can continue
+    (CONTINUE_AFTER_RESTART, younger than CONTINUE_MAX_AGE_SECONDS, same model) are returned
+    with their progress for `continue_sessions`; the others end `interrupted` after their
+    stored events, with the usage of what was delivered (docs/wire-contract.md, Sessions)."""
+    now, resumable = time.time(), []
     for s in unfinished:
-        log.info("session %s was %s when the server stopped: interrupted", s.id, s.state)
         try:
-            for ev in await rt.store.read(s):
+            events = await rt.store.read(s)
+            for ev in events:
                 rt.live[s.id].formatter.observe(ev.data)
-            rt.finish(s, "interrupted", None)
+            progress = Progress.of(events)
+            why = ("CONTINUE_AFTER_RESTART is off" if not settings.continue_after_restart
+                   else f"it is older than CONTINUE_MAX_AGE_SECONDS="
+                        f"{settings.continue_max_age_seconds:g}"
+                   if now - s.created > settings.continue_max_age_seconds
+                   else f"it ran on model {s.model!r}, not {model_name!r}"
+                   if s.model != model_name else None)
+            if why is None:
+                log.info("session %s was %s when the server stopped: continuing it at event %d",
+                         s.id, s.state, s.next_index)
+                resumable.append((s, progress))
+                rt.live[s.id].last_detached_at = time.monotonic()
+                rt.arm_disconnect_timer(s)
+                continue
+            log.info("session %s was %s when the server stopped: interrupted (%s)",
+                     s.id, s.state, why)
+            rt.finish(s, "interrupted", progress.usage())
         except Exception:  # noqa: BLE001 - one damaged session must not stop the server
             log.exception("session %s could not be recovered; marked interrupted as is", s.id)
             rt.store.set_state(s, "interrupted", "interrupted")
+    return resumable
+
+
+async def continue_sessions(rt: Runtime, handle: Any, resumable: list[tuple[Session, Progress]],
+                            prepare_again: Any) -> None:
+    """Once the model is loaded, queue each recovered session's generation where it stopped:
+    its prompt rebuilt from the stored request by `prepare_again(s) -> Prepared` (raises
+    APIError when its inputs are gone, e.g. inline media, which is never stored), then
+    prompt + delivered tokens re-prefilled by the engine. A session cancelled meanwhile, or
+    whose inputs are gone, is left or ended `interrupted`."""
+    while resumable and handle.state not in ("ready", "failed"):
+        await asyncio.sleep(0.1)
+    for s, progress in resumable:
+        if s.terminal or s.deleted:
+            continue
+        try:
+            if handle.state != "ready":
+                raise RuntimeError("the model did not load")
+            prepared = await prepare_again(s)
+        except Exception as e:  # noqa: BLE001 - this session ends; the others go on
+            log.info("session %s cannot continue (%s): interrupted", s.id,
+                     getattr(e, "message", None) or f"{type(e).__name__}: {e}")
+            rt.finish(s, "interrupted", progress.usage())
+            continue
+        if not s.terminal and not s.deleted:
+            rt.start(s, prepared, progress.resume)
 
 
 async def sweep_loop(rt: Runtime) -> None:

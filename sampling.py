@@ -145,6 +145,15 @@ def row_seed(seed: int | None, choice: int) -> int:
     return (seed + choice) % (1 << 63)
 
 
+def token_seed(seed: int, position: int) -> int:
+    """The generator seed for drawing generated token `position` (0-based) of a row seeded
+    `seed`: a splitmix64 step, so neighbouring positions and rows get unrelated streams."""
+    z = (seed + (position + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) >> 1  # manual_seed takes 0..2**63-1 on every device
+
+
 class RowSampler:
     """Picks one sequence's next tokens from its logits, with its own generator.
 
@@ -267,7 +276,10 @@ class RowSampler:
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
         if self.generator is None or self.generator.device != probs.device:
             self.generator = torch.Generator(device=probs.device)
-            self.generator.manual_seed(self.seed)
+        # Seeded per token from (row seed, token position), not once per row: the draw of
+        # token k then depends on nothing but k, so a generation continued after a crash
+        # (prompt + k tokens re-prefilled) draws exactly what the first run would have.
+        self.generator.manual_seed(token_seed(self.seed, self.generated))
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
     def _entry(self, raw: torch.Tensor, token: int) -> dict[str, Any]:

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     sessions_ttl_seconds: float = Field(86400.0, gt=0)
     cancel_after_disconnect_seconds: float = Field(3600.0, ge=0)
     ring_buffer_size: int = Field(1024, ge=1)
+    # After a crash or restart, generations that were running go on where they stopped (prompt
+    # + delivered tokens re-prefilled); off, or older than the age limit, they end interrupted.
+    continue_after_restart: bool = True
+    continue_max_age_seconds: float = Field(3600.0, ge=0)
 
     # --- vision input (image-text-to-text models) ---------------------------------------------
     max_media_per_request: int = Field(8, ge=0)

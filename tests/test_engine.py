@@ -11,7 +11,7 @@ import torch
 from transformers import DynamicCache
 
 from decoding import token_piece
-from engine import BatchCache, Engine, GenerationJob
+from engine import BatchCache, Engine, GenerationJob, Resume
 import model
 from model import ModelHandle, embedded_model_dir, gguf_metadata, load_model, served_model_name
 from sampling import SamplingParams
@@ -60,19 +60,27 @@ def test_truncate_undoes_a_partial_step():
 
 class Sink:
     def __init__(self):
-        self.text, self.done, self.final = [], threading.Event(), None
+        self.text, self.tokens, self.done, self.final = [], [], threading.Event(), None
+        self.by_choice: dict[int, list[int]] = {}  # token ids per choice, as delivered
+        self.seeds: dict[int, int] = {}
 
     def started(self, prompt_tokens):
         pass
 
-    def delta(self, text, completion_tokens, channel="content", index=0, logprobs=None):
-        self.text.append(text)
+    def delta(self, index, parts, completion_tokens, logprobs, tokens, seed):
+        self.text.extend(text for _, text in parts)
+        self.tokens.extend(tokens)
+        self.by_choice.setdefault(index, []).extend(tokens)
+        self.seeds[index] = seed
 
-    def choice_finished(self, index, reason):
-        pass
+    def choice_finished(self, index, reason, parts, completion_tokens, reasoning_tokens,
+                        logprobs, tokens):
+        self.text.extend(text for _, text in parts)
+        self.tokens.extend(tokens)
+        self.by_choice.setdefault(index, []).extend(tokens)
 
     def finished(self, reason, prompt_tokens, completion_tokens, reasoning_tokens=0):
-        self.final = reason
+        self.final, self.completion_tokens = reason, completion_tokens
         self.done.set()
 
     def failed(self, message):
@@ -147,6 +155,37 @@ def test_budget_holds_a_job_until_room(engine):
     assert eventually(lambda: engine.stats()["running"] == 1 and not engine.waiting)
     b.cancel.set()
     assert sb.done.wait(30)
+
+
+def test_a_resumed_job_continues_token_for_token(engine):
+    """GenerationJob.resume (continuation after a crash): prompt + the first k delivered tokens
+    re-prefilled, sampler and text pipeline replayed, and the rest comes out as in one run:
+    greedy, and seeded sampling with penalties (per-token seeds), for each choice of n=2."""
+    tok = engine.handle.tokenizer
+    ids = tok("Once upon a time, in a land far away,")["input_ids"]
+    for kw in ({}, {"temperature": 1.0, "seed": 7, "n": 2, "frequency_penalty": 0.5,
+                    "top_p": 0.9}):
+        whole, ws = job(engine, ids, max_new_tokens=24, **kw)
+        engine.submit(whole)
+        assert ws.done.wait(60) and ws.final == "length"
+        for k in (1, 9, 20):
+            resume = Resume(tokens={c: t[:k] for c, t in ws.by_choice.items()},
+                            seeds=dict(ws.seeds))
+            part, ps = job(engine, ids, max_new_tokens=24, **kw)
+            part.resume = resume
+            engine.submit(part)
+            assert ps.done.wait(60) and ps.final == "length"
+            for c, tokens in ws.by_choice.items():
+                assert tokens[:k] + ps.by_choice[c] == tokens, (kw, k, c)
+    # A finished choice is only counted; the other goes on.
+    done_resume = Resume(tokens={1: ws.by_choice[1][:5]}, seeds=dict(ws.seeds),
+                         done={0: ("length", 24, 0)})
+    part, ps = job(engine, ids, max_new_tokens=24, **kw)
+    part.resume = done_resume
+    engine.submit(part)
+    assert ps.done.wait(60) and ps.final == "length" and 0 not in ps.by_choice
+    assert ws.by_choice[1][:5] + ps.by_choice[1] == ws.by_choice[1]
+    assert ps.completion_tokens == 48
 
 
 def test_logprob_bytes_join_a_character_split_across_tokens(engine):

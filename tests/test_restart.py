@@ -1,96 +1,182 @@
-"""Crash and restart: kill -9 a real server mid-stream, start it again on the same database."""
+"""Crash and restart: kill -9 a real server mid-stream, start it again on the same database.
+
+Generations the server was running go on after the restart where they stopped (prompt and
+delivered tokens re-prefilled): a client that resumes sees one unbroken stream, the same as an
+uninterrupted run. One server for the module; each test kills or stops it and starts it again
+(a start costs about 20 s, most of it loading the model), so the crash cases share restarts.
+"""
 
 from __future__ import annotations
 
-import httpx
+import json
+import sqlite3
+import threading
 
+import httpx
+import openai
 import pytest
 
-from conftest import LONG, Server, finish_reason_of, read_events
+from conftest import Server, content_of, finish_reason_of, read_events
+
+STORY = [{"role": "user", "content": "Write a long story about a dragon."}]
+GREEDY = {"messages": STORY, "temperature": 0, "max_tokens": 120, "ignore_eos": True,
+          "stream": True, "stream_options": {"include_usage": True}}
+SEEDED = {**GREEDY, "temperature": 1.0, "seed": 11, "top_p": 0.95, "n": 2,
+          "frequency_penalty": 0.3, "max_tokens": 60}
+# About 1500 prompt tokens: a prefill of a second or more on a 2-core CPU.
+LONG_PROMPT = {"messages": [{"role": "user", "content": "Summarize: " + "The river runs to the "
+                             "sea and the sea runs to the sky. " * 110}],
+               "temperature": 0, "max_tokens": 24, "stream": True,
+               "stream_options": {"include_usage": True}}
 
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    """One server for the module: each test kills or stops it and starts it again on the same
-    database (a start costs about 20 s, most of it loading the model)."""
     server = Server(tmp_path_factory.mktemp("restart")).start()
     yield server
     server.stop()
 
 
-def test_kill_9_mid_stream_then_resume(srv):
-    s = "crash-1"
-    body = {**LONG, "stream": True, "session_id": s}
-    with httpx.Client(base_url=srv.url, timeout=60) as http:
-        r, seen = read_events(http, "POST", "/v1/chat/completions", limit=15, json=body)
-        assert len(seen) == 15
-        srv.kill()
-    srv.start()  # same database file
-    with httpx.Client(base_url=srv.url, timeout=60) as http:
-        info = http.get(f"/v1/sessions/{s}").json()
-        assert info["state"] == "interrupted" and info["finish_reason"] == "interrupted"
-        # Every event the client had received comes back identical ...
-        _, replay = read_events(http, "GET", f"/v1/sessions/{s}/stream")
-        assert replay[:15] == seen
-        # ... then the rest up to the interruption, then `interrupted` and [DONE], no gaps.
-        assert [e["id"] for e in replay] == [f"{s}:{i}" for i in range(len(replay))]
-        assert finish_reason_of(replay) == "interrupted"
-        assert replay[-1]["data"] == "[DONE]"
-        assert len(replay) < 300  # the generation did not go on after the crash
-        # Resuming from the last event the client saw gives exactly the tail.
-        _, tail = read_events(http, "POST", "/v1/chat/completions", json=body,
-                              headers={"Last-Event-ID": seen[-1]["id"]})
-        assert seen + tail == replay
-        # The replay is the same bytes every time it is asked for.
-        _, tail4 = read_events(http, "GET", f"/v1/sessions/{s}/stream",
-                               headers={"Last-Event-ID": f"{s}:4"})
-        assert tail4 == replay[5:]
-        # The restarted server generates again normally.
-        r = http.post("/v1/chat/completions", json={
-            "messages": [{"role": "user", "content": "What is the capital of France?"}],
-            "temperature": 0, "max_tokens": 20})
-        assert "Paris" in r.json()["choices"][0]["message"]["content"]
+def choices_of(events: list[dict]) -> list:
+    """What a chat stream says, without what names the session (ids, created): each chunk's
+    choices and usage, in order."""
+    out = []
+    for ev in events:
+        if ev["data"] == "[DONE]":
+            out.append("[DONE]")
+            continue
+        chunk = json.loads(ev["data"])
+        out.append((chunk["choices"], chunk.get("usage")))
+    return out
 
 
-def test_graceful_stop_mid_stream_interrupts(srv):
-    s = "graceful-1"
-    with httpx.Client(base_url=srv.url, timeout=60) as http:
-        _, seen = read_events(http, "POST", "/v1/chat/completions", limit=5,
-                              json={**LONG, "stream": True, "session_id": s})
-    srv.stop()  # SIGTERM: shutdown hooks run
-    srv.start()
-    with httpx.Client(base_url=srv.url, timeout=60) as http:
-        _, replay = read_events(http, "GET", f"/v1/sessions/{s}/stream")
-        assert replay[:5] == seen
-        assert finish_reason_of(replay) == "interrupted" and replay[-1]["data"] == "[DONE]"
-        usage = http.get(f"/v1/sessions/{s}").json()["usage"]
-        assert usage["completion_tokens"] >= 1  # known after a graceful stop
-        # The session that crashed earlier is unchanged by this second restart.
-        _, again = read_events(http, "GET", "/v1/sessions/crash-1/stream")
-        assert finish_reason_of(again) == "interrupted" and again[-1]["data"] == "[DONE]"
-        assert sum(1 for e in again if "interrupted" in e["data"]) == 1
+def stream(url: str, body: dict, session_id: str, limit: int | None = None,
+           after: str | None = None) -> list[dict]:
+    headers = {"Last-Event-ID": after} if after else {}
+    with httpx.Client(base_url=url, timeout=120) as http:
+        r, events = read_events(http, "POST", "/v1/chat/completions", limit=limit,
+                                json={**body, "session_id": session_id}, headers=headers)
+        assert r.status_code == 200, r.text
+        return events
 
 
-def test_response_survives_kill_9(srv):
-    import openai
-    c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
-    stream = c.responses.create(model="m", input="Tell me a long story.", max_output_tokens=400,
-                                stream=True, extra_body={"ignore_eos": True})
-    seen = []
-    for event in stream:
-        seen.append(event)
-        if len(seen) == 12:
+def replay(url: str, session_id: str) -> list[dict]:
+    with httpx.Client(base_url=url, timeout=120) as http:
+        r, events = read_events(http, "GET", f"/v1/sessions/{session_id}/stream")
+        assert r.status_code == 200, r.text
+        return events
+
+
+def info(url: str, session_id: str) -> dict:
+    return httpx.get(f"{url}/v1/sessions/{session_id}", timeout=30).json()
+
+
+def test_kill_9_mid_stream_continues_the_generation(srv):
+    """Greedy and seeded (n=2, penalties) generations killed mid-stream, one killed inside its
+    prefill, one killed between its last token and its terminal event, and a Responses stream:
+    after the restart each finishes as an uninterrupted run does, byte for byte."""
+    # Killed between the last token and the terminal event: run one to the end, then (after
+    # the kill) cut its log back to that point, as a crash there leaves it.
+    whole_cut = stream(srv.url, GREEDY, "cut-1")
+    seen = {"greedy-1": stream(srv.url, GREEDY, "greedy-1", limit=15),
+            "seeded-1": stream(srv.url, SEEDED, "seeded-1", limit=10)}
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+    r_stream = client.responses.create(model="m", input="Tell me a long story.", stream=True,
+                                       max_output_tokens=80, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    r_seen = []
+    for event in r_stream:
+        r_seen.append(event)
+        if len(r_seen) == 12:
             break
-    response_id = seen[0].response.id
+    r_stream.close()
+    response_id = r_seen[0].response.id
+    # Killed as soon as the generation started: inside the prefill of a long prompt.
+    seen["prefill-1"] = stream(srv.url, LONG_PROMPT, "prefill-1", limit=1)
+    srv.kill()
+    db = sqlite3.connect(srv.env["SESSIONS_DB_PATH"])
+    with db:
+        last_text = db.execute("SELECT MAX(idx) FROM events WHERE session_id='cut-1' AND "
+                               "meta LIKE '%\"f\"%'").fetchone()[0]
+        assert last_text is not None and last_text < len(whole_cut) - 1
+        db.execute("DELETE FROM events WHERE session_id='cut-1' AND idx>?", (last_text,))
+        db.execute("UPDATE sessions SET state='in_progress', finish_reason=NULL, usage=NULL, "
+                   "ended_at=NULL WHERE id='cut-1'")
+        states = dict(db.execute("SELECT id, state FROM sessions"))
+    db.close()
+    assert states["greedy-1"] == states["seeded-1"] == "in_progress"
+    srv.start()
+
+    for sid, body in (("greedy-1", GREEDY), ("seeded-1", SEEDED), ("prefill-1", LONG_PROMPT),
+                      ("cut-1", GREEDY)):
+        # The client resumes where it was cut off: one unbroken stream ...
+        rest = stream(srv.url, body, sid, after=seen[sid][-1]["id"]) if sid in seen else []
+        full = replay(srv.url, sid)
+        if sid in seen:
+            assert seen[sid] + rest == full
+        assert [e["id"] for e in full] == [f"{sid}:{i}" for i in range(len(full))]
+        # ... the same as an uninterrupted run of the same request, usage included.
+        whole = whole_cut if sid == "cut-1" else stream(srv.url, body, sid + "-whole")
+        assert choices_of(full) == choices_of(whole), sid
+        assert full[-1]["data"] == "[DONE]" and finish_reason_of(full) in ("length", "stop")
+        state = info(srv.url, sid)
+        assert state["state"] == "completed", state
+        assert state["usage"] == json.loads(whole[-2]["data"])["usage"], sid
+    assert len(content_of(replay(srv.url, "greedy-1"))) > 200
+
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+    rest = list(client.responses.retrieve(response_id, stream=True,
+                                          starting_after=r_seen[-1].sequence_number))
+    joined = r_seen + rest
+    assert [e.sequence_number for e in joined] == list(range(len(joined)))
+    # It ran to max_output_tokens, not to the crash: incomplete for that reason.
+    assert joined[-1].type == "response.incomplete"
+    final = client.responses.retrieve(response_id)
+    assert final.incomplete_details.reason == "max_output_tokens"
+    text = "".join(e.delta for e in joined if e.type == "response.output_text.delta")
+    assert final.output_text == text
+    again = client.responses.create(model="m", input="Tell me a long story.",
+                                    max_output_tokens=80, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert again.output_text == text and len(text) > 200
+    assert final.usage.output_tokens == again.usage.output_tokens == 80
+
+
+def test_graceful_stop_hands_over_and_the_setting_turns_it_off(srv):
+    """SIGTERM leaves running generations to the next start; with CONTINUE_AFTER_RESTART=0
+    that start ends them `interrupted`, with the usage of what was delivered."""
+    seen = stream(srv.url, GREEDY, "graceful-1", limit=8)
+    srv.stop()  # SIGTERM: the running generation is suspended, not ended
+    db = sqlite3.connect(srv.env["SESSIONS_DB_PATH"])
+    assert db.execute("SELECT state FROM sessions WHERE id='graceful-1'").fetchone()[0] == \
+        "in_progress"
+    db.close()
+    srv.env["CONTINUE_AFTER_RESTART"] = "0"
+    try:
+        srv.start()
+    finally:
+        srv.env.pop("CONTINUE_AFTER_RESTART")
+    full = replay(srv.url, "graceful-1")
+    assert full[:8] == seen
+    assert finish_reason_of(full) == "interrupted" and full[-1]["data"] == "[DONE]"
+    assert len(full) < 100  # nothing was generated after the stop
+    usage = info(srv.url, "graceful-1")["usage"]
+    assert usage["prompt_tokens"] > 10 and usage["completion_tokens"] >= len(full) - 4
+    # The sessions continued by the earlier restart are unchanged by this one.
+    assert finish_reason_of(replay(srv.url, "greedy-1")) == "length"
+    # Cancel still reaches a generation continued after a restart (CONTINUE on again).
+    seen = stream(srv.url, GREEDY, "cancel-1", limit=5)
     srv.kill()
     srv.start()
-    c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
-    rest = list(c.responses.retrieve(response_id, stream=True,
-                                     starting_after=seen[-1].sequence_number))
-    joined = seen + rest
-    assert [e.sequence_number for e in joined] == list(range(len(joined)))
-    assert joined[-1].type == "response.incomplete"
-    final = c.responses.retrieve(response_id)
-    assert final.status == "incomplete" and final.incomplete_details.reason == "interrupted"
-    text = "".join(e.delta for e in joined if e.type == "response.output_text.delta")
-    assert final.output_text == text and final.output[0].status == "incomplete"
+    done = threading.Event()
+    tail: list[dict] = []
+
+    def follow() -> None:
+        tail.extend(stream(srv.url, GREEDY, "cancel-1", after=seen[-1]["id"]))
+        done.set()
+
+    threading.Thread(target=follow, daemon=True).start()
+    r = httpx.post(f"{srv.url}/v1/cancel/cancel-1", timeout=30)
+    assert r.status_code == 200
+    assert done.wait(60)
+    assert finish_reason_of(tail) == "cancelled" and tail[-1]["data"] == "[DONE]"
