@@ -500,7 +500,7 @@ def test_stored_events_are_never_overwritten(tmp_path, caplog):
         s = store.create("a", "k", "m", "d", {})
         await store.flush()
         other = sqlite3.connect(db)  # an event 0 that is already stored
-        other.execute("INSERT INTO events VALUES ('a', 0, NULL, 'original')")
+        other.execute("INSERT INTO events (session_id, idx, event, data) VALUES ('a', 0, NULL, 'original')")
         other.commit()
         store.append(s, "new")
         store.append(s, "next")
