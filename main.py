@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -39,7 +40,7 @@ from runtime import Runtime, continue_sessions, formatters_for, recover, sweep_l
 from schemas import APIError, ErrorResponse, error_body, error_response
 from security import APIKeyMiddleware, BodyLimitMiddleware, HostCheckMiddleware, split_list
 from settings import settings
-from store import EventsGone, StoreLocked, StoreOpenError
+from store import EventsGone, SessionStore, StoreLocked, StoreOpenError
 from store_sqlite import session_store
 from telemetry import (KV_CACHE_USAGE, QUEUE_DEPTH, RUNNING_SEQUENCES, WAITING_SEQUENCES,
                        configure_logging)
@@ -62,13 +63,27 @@ def exit_after_model_failure(app: FastAPI, handle: ModelHandle) -> None:
     signal.raise_signal(signal.SIGTERM)
 
 
+def build_store() -> SessionStore:
+    """The session store: Redis Streams shared by replicas (EVENT_STORE_URL), one SQLite file
+    (SESSIONS_DB_PATH), or memory only (PERSIST_SESSIONS=false)."""
+    if settings.event_store_url:
+        from store_redis import RedisEventLog  # redis-py is needed only here
+        log_ = RedisEventLog(settings.event_store_url,
+                             replica_id=settings.replica_id or
+                             f"{socket.gethostname()}-{os.getpid()}",
+                             lease_seconds=settings.lease_seconds,
+                             ttl_seconds=settings.sessions_ttl_seconds)
+        return SessionStore(settings.ring_buffer_size, settings.sessions_ttl_seconds, log_)
+    return session_store(settings.sessions_db_path if settings.persist_sessions else None,
+                         settings.ring_buffer_size, settings.sessions_ttl_seconds,
+                         lock_timeout_seconds=settings.sessions_db_lock_timeout_seconds)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     handle = ModelHandle(name=served_model_name())
     app.state.model, app.state.started, app.state.exit_code = handle, time.time(), 0
-    store = session_store(settings.sessions_db_path if settings.persist_sessions else None,
-                          settings.ring_buffer_size, settings.sessions_ttl_seconds,
-                          lock_timeout_seconds=settings.sessions_db_lock_timeout_seconds)
+    store = build_store()
     try:
         unfinished = await store.open()
     except (StoreLocked, StoreOpenError) as e:
@@ -86,8 +101,12 @@ async def lifespan(app: FastAPI):
     formatters_for(rt, list(store.sessions.values()))
     # Generations the last process left running go on once the model is loaded.
     resumable = await recover(rt, [s for s in unfinished if not s.terminal], handle.name)
-    continuing = asyncio.create_task(continue_sessions(
-        rt, handle, resumable, lambda s: prepare_stored(handle, s.kind, s.request)))
+    def prepare_again(s):
+        return prepare_stored(handle, s.kind, s.request)
+
+    continuing = asyncio.create_task(continue_sessions(rt, handle, resumable, prepare_again))
+    if store.shared:  # other replicas' sessions whose owner died are taken over
+        rt.share(handle, prepare_again)
 
     def load() -> None:
         load_model(handle)
@@ -105,6 +124,7 @@ async def lifespan(app: FastAPI):
         # (aiosqlite's thread) and the database lock alive.
         sweeper.cancel()
         continuing.cancel()
+        rt.unshare()
         try:
             # With a durable log, running generations are left to the next start to continue
             # (a restart is then invisible but for the pause); else they end interrupted.

@@ -78,20 +78,20 @@ def owns(request: Request, s: Session) -> bool:
     return not settings.api_keys or s.request.get("_owner") == request_owner(request)
 
 
-def lookup(rt: Runtime, session_id: str, request: Request) -> Session:
+async def lookup(rt: Runtime, session_id: str, request: Request) -> Session:
     """The session `session_id`; 404 if unknown, expired, or another API key's."""
-    s = rt.store.get(session_id) if SESSION_ID_RE.match(session_id) else None
+    s = await rt.session(session_id) if SESSION_ID_RE.match(session_id) else None
     if s is None or not owns(request, s):
         raise APIError(404, f"session {session_id!r} not found (unknown, deleted or expired)",
                        param="session_id", code="session_not_found")
     return s
 
 
-def response_session(rt: Runtime, response_id: str, request: Request) -> Session:
+async def response_session(rt: Runtime, response_id: str, request: Request) -> Session:
     """The session behind `resp_<session id>`; 404 if unknown, not a response, or another
     API key's."""
     sid = response_id[5:] if response_id.startswith("resp_") else response_id
-    s = rt.store.get(sid) if SESSION_ID_RE.match(sid) else None
+    s = await rt.session(sid) if SESSION_ID_RE.match(sid) else None
     if s is None or s.kind != ResponsesFormatter.kind or not owns(request, s):
         raise APIError(404, f"response {response_id!r} not found (unknown, deleted or expired)",
                        param="response_id", code="response_not_found")
@@ -254,7 +254,7 @@ async def run_session(request: Request, body, kind: str, prepare,
     digest = body_digest(raw)
     after = resume[1] if resume else -1
 
-    existing = rt.store.get(session_id) if session_id else None
+    existing = await rt.session(session_id) if session_id else None
     if resume is not None and (existing is None or not owns(request, existing)):
         raise APIError(404, f"session {session_id!r} not found (unknown, deleted or expired)",
                        param="Last-Event-ID", code="session_not_found")
@@ -262,7 +262,7 @@ async def run_session(request: Request, body, kind: str, prepare,
         require_ready(handle)
         require_storage(rt)
         prepared: Prepared = await prepare(raw)
-        existing = rt.store.get(session_id) if session_id else None  # raced while preparing?
+        existing = await rt.session(session_id) if session_id else None  # raced meanwhile?
     if existing is not None:
         # Another key's session with this id answers like a different body: the id is taken.
         if existing.body_digest != digest or existing.kind != kind or not owns(request, existing):
@@ -357,7 +357,7 @@ async def previous_conversation(rt: Runtime, response_id: str,
                                 request: Request) -> list[dict[str, Any]]:
     """The stored input and output of a previous response, as message items."""
     try:
-        prev = response_session(rt, response_id, request)
+        prev = await response_session(rt, response_id, request)
     except APIError as e:
         raise APIError(404, f"previous_response_id {response_id!r} not found (unknown, deleted or "
                             f"expired)", param="previous_response_id",
@@ -402,7 +402,7 @@ async def retrieve_response(response_id: str, request: Request, stream: bool = F
     `?stream=true`, its events after `starting_after` (a sequence number) or Last-Event-ID,
     then live ones."""
     rt = runtime_of(request)
-    s = response_session(rt, response_id, request)
+    s = await response_session(rt, response_id, request)
     if s.request.get("store") is False:
         # Not retrievable, streamed or not (its stream still resumes as a session:
         # /v1/sessions/{id}/stream, or the original POST with Last-Event-ID).
@@ -427,14 +427,14 @@ async def compact_response(request: Request):
 async def cancel_response(response_id: str, request: Request):
     """`POST /v1/responses/{id}/cancel`: idempotent; answers the response object."""
     rt = runtime_of(request)
-    s = response_session(rt, response_id, request)
+    s = await response_session(rt, response_id, request)
     await rt.cancel(s)
     return JSONResponse(await current_object(rt, s), headers={"X-Session-Id": s.id})
 
 
 async def delete_response(response_id: str, request: Request):
     rt = runtime_of(request)
-    s = response_session(rt, response_id, request)
+    s = await response_session(rt, response_id, request)
     await rt.forget(s)
     return {"id": f"resp_{s.id}", "object": "response.deleted", "deleted": True}
 
@@ -445,7 +445,7 @@ async def response_input_items_route(response_id: str, request: Request,
                                      after: str | None = None):
     """`GET /v1/responses/{id}/input_items`: the input items of this request (OpenAI's list
     shape, newest first by default)."""
-    s = response_session(runtime_of(request), response_id, request)
+    s = await response_session(runtime_of(request), response_id, request)
     if s.request.get("store") is False:
         raise APIError(404, f"response {response_id} was created with store=false",
                        param="response_id", code="response_not_found")
@@ -467,7 +467,7 @@ async def response_input_items_route(response_id: str, request: Request,
 
 
 async def get_session(session_id: str, request: Request):
-    return session_object(lookup(runtime_of(request), session_id, request))
+    return session_object(await lookup(runtime_of(request), session_id, request))
 
 
 async def stream_session(session_id: str, request: Request,
@@ -475,13 +475,13 @@ async def stream_session(session_id: str, request: Request,
     """`GET /v1/sessions/{id}/stream`: replay from event 0, or after Last-Event-ID, then live.
     This is the URL a browser EventSource reconnects to on its own."""
     rt = runtime_of(request)
-    s = lookup(rt, session_id, request)
+    s = await lookup(rt, session_id, request)
     return sse_response(rt, s, resume_point(s.id, resume_id))
 
 
 async def delete_session(session_id: str, request: Request):
     rt = runtime_of(request)
-    s = lookup(rt, session_id, request)
+    s = await lookup(rt, session_id, request)
     await rt.forget(s)
     return {"id": s.id, "object": "session.deleted", "deleted": True}
 
@@ -489,7 +489,7 @@ async def delete_session(session_id: str, request: Request):
 async def cancel_session(session_id: str, request: Request):
     """`POST /v1/cancel/{id}`: idempotent; `cancelled` says whether this call stopped it."""
     rt = runtime_of(request)
-    s = lookup(rt, session_id, request)
+    s = await lookup(rt, session_id, request)
     changed = await rt.cancel(s)
     return {**session_object(s), "cancelled": changed}
 

@@ -17,7 +17,7 @@ from engine import Engine, GenerationJob, Resume
 from formatters import FORMATTERS, Formatter, Out, usage_object
 from prepare import Prepared
 from settings import settings
-from store import Event, Session, SessionStore
+from store import ACTIVE_STATES, Event, Session, SessionStore
 from telemetry import GENERATIONS_FINISHED
 
 log = logging.getLogger("resumable.runtime")
@@ -163,6 +163,14 @@ class Runtime:
         self.sinks: dict[str, SessionSink] = {}
         self.live: dict[str, LiveSession] = {}
 
+    async def session(self, session_id: str) -> Session | None:
+        """The session with this id (loaded from a shared log if another replica owns it), with
+        its formatter; None if unknown, deleted or expired."""
+        s = await self.store.lookup(session_id)
+        if s is not None and s.id not in self.live:
+            formatters_for(self, [s])
+        return s
+
     def formatter(self, s: Session) -> Formatter | None:
         """The session's formatter (None for a kind this server cannot serve)."""
         live = self.live.get(s.id)
@@ -238,8 +246,9 @@ class Runtime:
     def arm_disconnect_timer(self, s: Session) -> None:
         """Cancel `s` once no client has been attached for CANCEL_AFTER_DISCONNECT_SECONDS."""
         delay = settings.cancel_after_disconnect_seconds
-        # A background response has no client by design: only cancel stops it.
-        if delay > 0 and not s.terminal and not s.request.get("background"):
+        # A background response has no client by design: only cancel stops it. A remote
+        # session's clients are counted by the replica that owns it.
+        if delay > 0 and not s.terminal and not s.remote and not s.request.get("background"):
             self.loop.call_later(delay, self._disconnect_check, s)
 
     def _disconnect_check(self, s: Session) -> None:
@@ -263,6 +272,15 @@ class Runtime:
         """
         if s.terminal:
             return False
+        if s.remote:
+            # Another replica generates it: the log passes the cancel on (and keeps it, for
+            # whoever takes the session over); wait for the ending to arrive.
+            await self.store.event_log.request_cancel(s.id)
+            try:
+                await asyncio.wait_for(self.store.wait_terminal(s), wait_seconds)
+            except asyncio.TimeoutError:
+                pass
+            return True
         self.live[s.id].cancel.set()
         sink = self.sinks.get(s.id)
         if s.state == "queued" or sink is None:
@@ -280,6 +298,42 @@ class Runtime:
             await self.cancel(s)
         self.live.pop(s.id, None)
         await self.store.delete(s.id)
+
+    # --- several replicas (a shared log) -----------------------------------------------------
+
+    def share(self, handle: Any, prepare_again: Any) -> None:
+        """Join the replicas sharing the log: act on cancels requested anywhere, give up a
+        session whose lease was lost, and take over sessions whose owner died."""
+        log_ = self.store.event_log
+        log_.on_cancel = self._cancel_requested
+        log_.on_lease_lost = self._lease_lost
+        self._takeover = self.loop.create_task(takeover_loop(self, handle, prepare_again))
+
+    def unshare(self) -> None:
+        task = getattr(self, "_takeover", None)
+        if task is not None:
+            task.cancel()
+
+    def _cancel_requested(self, session_id: str) -> None:
+        s = self.store.sessions.get(session_id)
+        if s is not None and not s.remote and not s.terminal:
+            self.loop.create_task(self.cancel(s))
+
+    def _lease_lost(self, session_id: str) -> None:
+        """Another replica owns the session now: stop generating it (what did not commit is
+        dropped) and follow it from the log."""
+        sink = self.sinks.pop(session_id, None)
+        if sink is not None:
+            sink.closed = True
+        live = self.live.pop(session_id, None)
+        if live is not None:
+            live.cancel.set()
+        s = self.store.sessions.get(session_id)
+        if s is not None:
+            log.warning("session %s: lease lost to another replica; following it from the log",
+                        session_id)
+            self.store.disown(s)
+            formatters_for(self, [s])
 
     def suspend_all(self) -> None:
         """On shutdown, when generations continue at the next start: stop every running
@@ -420,6 +474,38 @@ async def continue_sessions(rt: Runtime, handle: Any, resumable: list[tuple[Sess
             continue
         if not s.terminal and not s.deleted:
             rt.start(s, prepared, progress.resume)
+
+
+async def takeover_loop(rt: Runtime, handle: Any, prepare_again: Any) -> None:
+    """Every LEASE_SECONDS / 2: claim the active sessions whose owner's lease ran out (the
+    replica died or was cut off) and continue them here, as a restart does (`recover`); one
+    cancelled meanwhile ends `cancelled`."""
+    log_ = rt.store.event_log
+    while True:
+        await asyncio.sleep(max(0.5, settings.lease_seconds / 2))
+        try:
+            for sid in await log_.orphans():
+                if not await log_.claim(sid):
+                    continue  # another replica was quicker
+                row = await log_.load(sid)
+                if row is None or row.damaged or row.fields["state"] not in ACTIVE_STATES:
+                    log_.owned.discard(sid)
+                    continue
+                s = rt.store.adopt(row)
+                log.info("session %s: its replica's lease ran out; taken over", sid)
+                rt.live[sid] = LiveSession(FORMATTERS[s.kind](s))
+                if await log_.cancel_requested(sid):
+                    events = await rt.store.read(s)
+                    for ev in events:
+                        rt.live[sid].formatter.observe(ev.data)
+                    rt.finish(s, "cancelled", Progress.of(events).usage())
+                    continue
+                resumable = await recover(rt, [s], handle.name)
+                await continue_sessions(rt, handle, resumable, prepare_again)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the takeover must outlive one bad pass
+            log.exception("session takeover pass failed")
 
 
 async def sweep_loop(rt: Runtime) -> None:

@@ -27,6 +27,9 @@ log = logging.getLogger("resumable.store")
 # Session states and records
 # ---------------------------------------------------------------------------------------------
 
+# How long a reader of a remote session waits in the log before looking at its state again.
+_REMOTE_POLL_SECONDS = 1.0
+
 ACTIVE_STATES = frozenset({"queued", "in_progress"})
 TERMINAL_STATES = frozenset({"completed", "cancelled", "failed", "interrupted"})
 
@@ -97,6 +100,9 @@ class Session:
     visible: int = 0
     ring: deque = field(default_factory=deque)
     deleted: bool = False
+    # Another replica generates it (a shared log): its fields and events are read from the
+    # log, refreshed on each look (SessionStore.lookup, events, wait_terminal).
+    remote: bool = False
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -154,6 +160,24 @@ class EventLog(Protocol):
     async def fetch(self, session_id: str, start: int, stop: int) -> list[Event]: ...
 
 
+class SharedEventLog(EventLog, Protocol):
+    """An EventLog several server replicas share (store_redis.RedisEventLog; `shared` is
+    True). Sessions are loaded on demand; one replica owns (generates) each session through a
+    lease; the others follow its events and pass cancels on."""
+
+    shared: bool
+    owned: set[str]
+    on_lease_lost: Any  # (session_id) -> None, set by the runtime
+    on_cancel: Any  # (session_id) -> None, set by the runtime
+
+    async def load(self, session_id: str) -> StoredRow | None: ...
+    async def wait(self, session_id: str, after: int, timeout: float) -> None: ...
+    async def request_cancel(self, session_id: str) -> bool: ...
+    async def cancel_requested(self, session_id: str) -> bool: ...
+    async def orphans(self) -> list[str]: ...
+    async def claim(self, session_id: str) -> bool: ...
+
+
 # ---------------------------------------------------------------------------------------------
 # The store
 # ---------------------------------------------------------------------------------------------
@@ -171,6 +195,11 @@ class SessionStore:
         self.ttl_seconds = ttl_seconds
         self.event_log = event_log
         self.sessions: dict[str, Session] = {}
+
+    @property
+    def shared(self) -> bool:
+        """Whether other replicas write to the same log (sessions may be remote)."""
+        return bool(getattr(self.event_log, "shared", False))
 
     @property
     def db_path(self) -> str | None:
@@ -237,6 +266,58 @@ class SessionStore:
         if s is None or self._expired(s, time.time() if now is None else now):
             return None
         return s
+
+    async def lookup(self, session_id: str) -> Session | None:
+        """`get`, and with a shared log the session as the log has it now: one this replica
+        does not own is loaded (`remote`) or refreshed; None if the log no longer has it."""
+        s = self.get(session_id)
+        if not self.shared or (s is not None and not s.remote):
+            return s
+        row = await self.event_log.load(session_id)
+        if row is None:
+            if s is not None:
+                self.sessions.pop(session_id, None)
+                s.deleted = True
+                s.wake()
+            return None
+        if s is None:
+            s = self.sessions[session_id] = Session(
+                **row.fields, next_index=row.next_index, visible=row.next_index,
+                ring=deque(maxlen=self.ring_size), remote=True)
+        else:
+            self.refresh(s, row)
+        return self.get(session_id)
+
+    def refresh(self, s: Session, row: StoredRow) -> None:
+        """Take a remote session's fields and event count from the log's row."""
+        for name in ("state", "finish_reason", "usage", "ended_at"):
+            setattr(s, name, row.fields[name])
+        if row.next_index > s.next_index:
+            s.next_index = row.next_index
+            s.committed(row.next_index)
+
+    def adopt(self, row: StoredRow) -> Session:
+        """A session this replica took over (its lease claimed): local from now on, its
+        stored events read from the log (the ring starts empty)."""
+        s = self.sessions.get(row.fields["id"])
+        if s is None:
+            s = self.sessions[row.fields["id"]] = Session(
+                **row.fields, next_index=row.next_index, visible=row.next_index,
+                ring=deque(maxlen=self.ring_size))
+        else:
+            self.refresh(s, row)
+            s.ring.clear()
+        s.remote = False
+        return s
+
+    def disown(self, s: Session) -> None:
+        """This replica lost `s` to another (lease lost): follow it from the log from now on.
+        Its uncommitted events are dropped (never visible); the ring keeps what committed."""
+        s.remote = True
+        while len(s.ring) and s.next_index > s.visible:
+            s.ring.pop()
+            s.next_index -= 1
+        s.wake()
 
     def create(self, session_id: str, kind: str, model: str, body_digest: str,
                request: dict[str, Any]) -> Session:
@@ -356,6 +437,17 @@ class SessionStore:
         """
         i = after + 1
         while True:
+            if s.remote:
+                # Another replica writes it: read what the log has, wait there for more.
+                async for ev in self._remote_events(s, i):
+                    i = ev.index + 1
+                    yield ev
+                if s.deleted or (s.terminal and i >= s.next_index) or not follow:
+                    return
+                if s.remote:
+                    await self.event_log.wait(s.id, i - 1, _REMOTE_POLL_SECONDS)
+                    await self.lookup(s.id)
+                continue
             wake = s._wake
             while i < s.visible and not s.deleted:
                 if i >= s.ring_start:
@@ -373,10 +465,26 @@ class SessionStore:
                     yield ev
             if s.deleted or (s.terminal and i >= s.next_index) or not follow:
                 return
+            if s.remote:
+                continue  # disowned while waiting
             await wake.wait()
+
+    async def _remote_events(self, s: Session, i: int) -> AsyncIterator[Event]:
+        """Events `i..` the log has now of a remote session."""
+        await self.lookup(s.id)
+        while i < s.next_index and not s.deleted:
+            for ev in await self.event_log.fetch(s.id, i, s.next_index):
+                if ev.index != i:
+                    raise EventsGone(s.id, i, ev.index)
+                i += 1
+                yield ev
 
     async def wait_terminal(self, s: Session) -> None:
         """Return once `s` is terminal with every event visible, or deleted."""
         while not (s.terminal and s.visible >= s.next_index) and not s.deleted:
+            if s.remote:
+                await self.event_log.wait(s.id, s.next_index - 1, _REMOTE_POLL_SECONDS)
+                await self.lookup(s.id)
+                continue
             wake = s._wake
             await wake.wait()
