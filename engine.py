@@ -407,6 +407,11 @@ class Engine:
     def _admit(self, job: GenerationJob) -> None:
         GENERATIONS_STARTED.inc()
         state = JobState(job)
+        if job.resume is not None:
+            # Delivered before the crash: counted first, so a cancel inside the re-prefill
+            # still reports them.
+            state.completion_tokens = sum(len(t) for i, t in job.resume.tokens.items()
+                                          if i not in job.resume.done)
         job.sink.started(job.prompt_tokens)
         self.prefilling = job
         try:
@@ -526,8 +531,7 @@ class Engine:
                 row.sampler.grammar_on = True
         if tokens:
             row.last_token = tokens[-1]
-        row.completion_tokens = len(tokens)
-        row.job.completion_tokens += len(tokens)
+        row.completion_tokens = len(tokens)  # counted for the job in _admit already
         row.job.reasoning_tokens += row.text.reasoning_tokens
 
     def _token_text(self, token: int) -> tuple[str, list[int]]:

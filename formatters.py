@@ -160,14 +160,26 @@ class ChatFormatter:
         return bool(request.get("logprobs"))
 
     def observe(self, data: str) -> None:
-        """Rebuild which choices already ended (after a restart), so that `finish` ends only
-        the others."""
+        """Fold one stored event into the running state (after a restart), so that what this
+        formatter appends next continues it: texts, tool calls (their count numbers the next
+        call and its id), logprobs, and which choices ended (`finish` ends only the others)."""
         if data == "[DONE]" or data.startswith('{"error"'):
             return
         for choice in json.loads(data).get("choices", []):
-            i = choice.get("index", 0)
-            if choice.get("finish_reason") and 0 <= i < len(self.folds):
-                self.folds[i].finish_reason = self.folds[i].finish_reason or choice["finish_reason"]
+            self._fold(self.folds, choice)
+
+    def _fold(self, folds: list[ChoiceFold], choice: dict[str, Any]) -> None:
+        """Add one stored chunk's choice to `folds`."""
+        if not 0 <= choice.get("index", 0) < len(folds):
+            return
+        fold = folds[choice.get("index", 0)]
+        content, thought = self._texts(choice)
+        fold.texts["content"].append(content)
+        fold.texts["reasoning"].append(thought)
+        for call in (choice.get("delta") or {}).get("tool_calls") or []:
+            fold.add_tool_call(call)
+        fold.logprobs += self._entries(choice)
+        fold.finish_reason = fold.finish_reason or choice.get("finish_reason")
 
     def _logprobs(self, entries: list[dict[str, Any]] | None, index: int, text: str) -> Any:
         return {"content": entries, "refusal": None} if entries else None
@@ -250,16 +262,7 @@ class ChatFormatter:
             if data == "[DONE]" or data.startswith('{"error"'):
                 continue
             for choice in json.loads(data).get("choices", []):
-                if not 0 <= choice.get("index", 0) < len(folds):
-                    continue
-                fold = folds[choice.get("index", 0)]
-                content, thought = self._texts(choice)
-                fold.texts["content"].append(content)
-                fold.texts["reasoning"].append(thought)
-                for call in (choice.get("delta") or {}).get("tool_calls") or []:
-                    fold.add_tool_call(call)
-                fold.logprobs += self._entries(choice)
-                fold.finish_reason = fold.finish_reason or choice.get("finish_reason")
+                self._fold(folds, choice)
         return self._object(s, folds)
 
     def live_result(self, s: Session) -> dict[str, Any]:
@@ -344,6 +347,15 @@ class CompletionFormatter(ChatFormatter):
             {"token": e["token"], "logprob": e["logprob"], "top_logprobs": top, "offset": offset}
             for e, top, offset in zip(entries, legacy["top_logprobs"], offsets)]
         return legacy
+
+    def observe(self, data: str) -> None:
+        """As chat's, and each choice's character offset (for `text_offset`) too."""
+        super().observe(data)
+        if data == "[DONE]" or data.startswith('{"error"'):
+            return
+        for choice in json.loads(data).get("choices", []):
+            if 0 <= choice.get("index", 0) < len(self.offsets):
+                self.offsets[choice.get("index", 0)] += len(choice.get("text") or "")
 
     def _text(self, text: str, finish_reason: str | None = None, index: int = 0,
               logprobs: list[dict[str, Any]] | None = None) -> Out:
@@ -450,7 +462,7 @@ class ResponsesFormatter:
 
     def __init__(self, s: Session):
         self.s, r = s, s.request
-        self.pending = 0
+        self.pending, self.counted_from = 0, s.next_index
         self.with_logprobs = "message.output_text.logprobs" in (r.get("include") or [])
         self.response: dict[str, Any] = {
             "id": f"resp_{s.id}", "object": "response", "created_at": int(s.created),
@@ -521,6 +533,11 @@ class ResponsesFormatter:
     # --- events ------------------------------------------------------------------------------
 
     def _ev(self, event_type: str, **fields: Any) -> Out:
+        # sequence_number is the index the event gets: the log's next index plus the events
+        # made since the log last grew (one sink call may ask for several parts' events
+        # before it appends them together).
+        if self.s.next_index != self.counted_from:
+            self.counted_from, self.pending = self.s.next_index, 0
         payload = {"type": event_type, "sequence_number": self.s.next_index + self.pending,
                    **fields}
         self.pending += 1
@@ -594,7 +611,6 @@ class ResponsesFormatter:
         """Text of the one output (`index` is always 0: Responses has no `n`); a tool call
         is a `function_call` item whose arguments stream as
         `response.function_call_arguments.delta` events."""
-        self.pending = 0
         reasoning = channel == "reasoning"
         out: list[Out] = []
         item = self._open()

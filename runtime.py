@@ -38,8 +38,8 @@ class SessionSink:
     server stopping) or the sink is closed (the server stops and the generation will continue
     at the next start), later calls change nothing.
 
-    Each text event carries in `Event.meta` the token ids behind it (and each choice's seed and
-    the prompt's size once, a finished choice's counts): `Progress.of` reads them back after a
+    Each text event carries in `Event.meta` the token ids behind it and its choice's seed (the
+    prompt's size on a choice's first event, a finished choice's counts): `Progress.of` reads them back after a
     crash. One engine call is one `append_many`, so text and tokens commit together."""
 
     def __init__(self, runtime: "Runtime", s: Session, prompt_tokens: int,
@@ -51,8 +51,9 @@ class SessionSink:
             self.completion_tokens = {c: len(t) for c, t in resume.tokens.items()}
             self.completion_tokens.update({c: d[1] for c, d in resume.done.items()})
         self.carry: dict[int, list[int]] = {}  # tokens of text that made no event (yet)
-        self.described: set[int] = set()  # choices whose seed and prompt size are stored
+        self.described: set[int] = set()  # choices whose prompt size was stored here
         self.closed = False
+        self.admitted = False  # the engine took the job (until then a cancel ends it here)
 
     def _call(self, fn, *args) -> None:
         try:
@@ -89,7 +90,7 @@ class SessionSink:
         return not (self.s.terminal or self.s.deleted or self.closed)
 
     def _started(self, prompt_tokens: int) -> None:
-        self.prompt_tokens = prompt_tokens
+        self.prompt_tokens, self.admitted = prompt_tokens, True
         # A continued generation started before the crash: its opening events are stored.
         if self._open() and self.s.state == "queued":
             self.runtime.store.append_many(self.s, self.live.formatter.start(), "in_progress")
@@ -153,6 +154,7 @@ class LiveSession:
     cancel: threading.Event = field(default_factory=threading.Event)
     attached: int = 0
     last_detached_at: float | None = None
+    progress: Any = None  # a recovered session's Progress, until its generation runs
 
 
 class Runtime:
@@ -281,10 +283,14 @@ class Runtime:
             except asyncio.TimeoutError:
                 pass
             return True
-        self.live[s.id].cancel.set()
+        live = self.live[s.id]
+        live.cancel.set()
         sink = self.sinks.get(s.id)
-        if s.state == "queued" or sink is None:
-            self.finish(s, "cancelled", sink.usage_so_far() if sink else None)
+        if sink is None or not sink.admitted:
+            # Not in the engine yet (queued, or recovered and waiting): the engine drops it.
+            usage = (sink.usage_so_far() if sink is not None
+                     else live.progress.usage() if live.progress is not None else None)
+            self.finish(s, "cancelled", usage)
             return True
         try:
             await asyncio.wait_for(self.store.wait_terminal(s), wait_seconds)
@@ -334,11 +340,14 @@ class Runtime:
                         session_id)
             self.store.disown(s)
             formatters_for(self, [s])
+            if live is not None:  # its clients stay attached
+                self.live[session_id].attached = live.attached
 
     def suspend_all(self) -> None:
         """On shutdown, when generations continue at the next start: stop every running
         generation without an ending. What was committed stays; the sessions stay `queued` or
-        `in_progress` in the log, and the next start continues them (`recover`)."""
+        `in_progress` in the log, and the next start continues them (`recover`), or with a
+        shared log another replica once the leases, released at close, are free."""
         for sid, sink in list(self.sinks.items()):
             sink.closed = True
             self.live[sid].cancel.set()
@@ -347,7 +356,7 @@ class Runtime:
     def interrupt_all(self) -> None:
         """On shutdown: end every unfinished session as `interrupted`."""
         for s in list(self.store.sessions.values()):
-            if not s.terminal:
+            if not s.terminal and not s.remote:
                 self.live[s.id].cancel.set()
                 sink = self.sinks.get(s.id)
                 try:
@@ -371,7 +380,7 @@ def formatters_for(rt: Runtime, sessions: list[Session]) -> None:
             log.error("session %s has kind %r, which this server cannot serve: marked failed",
                       s.id, s.kind)
             rt.live[s.id] = LiveSession(None)
-            if not s.terminal:
+            if not s.terminal and not s.remote:
                 rt.store.set_state(s, "failed")
 
 
@@ -439,6 +448,7 @@ async def recover(rt: Runtime, unfinished: list[Session], model_name: str
                 log.info("session %s was %s when the server stopped: continuing it at event %d",
                          s.id, s.state, s.next_index)
                 resumable.append((s, progress))
+                rt.live[s.id].progress = progress
                 rt.live[s.id].last_detached_at = time.monotonic()
                 rt.arm_disconnect_timer(s)
                 continue
@@ -472,7 +482,7 @@ async def continue_sessions(rt: Runtime, handle: Any, resumable: list[tuple[Sess
                      getattr(e, "message", None) or f"{type(e).__name__}: {e}")
             rt.finish(s, "interrupted", progress.usage())
             continue
-        if not s.terminal and not s.deleted:
+        if not s.terminal and not s.deleted and not s.remote:  # (lost to another replica)
             rt.start(s, prepared, progress.resume)
 
 
@@ -483,29 +493,56 @@ async def takeover_loop(rt: Runtime, handle: Any, prepare_again: Any) -> None:
     log_ = rt.store.event_log
     while True:
         await asyncio.sleep(max(0.5, settings.lease_seconds / 2))
+        if handle.state != "ready":
+            continue  # a replica that can generate should take them
         try:
-            for sid in await log_.orphans():
+            orphans = await log_.orphans()
+        except Exception:  # noqa: BLE001 - Redis away: the next pass tries again
+            log.warning("session takeover: cannot list orphaned sessions", exc_info=True)
+            continue
+        for sid in orphans:
+            local = rt.store.sessions.get(sid)
+            try:
                 if not await log_.claim(sid):
                     continue  # another replica was quicker
-                row = await log_.load(sid)
-                if row is None or row.damaged or row.fields["state"] not in ACTIVE_STATES:
+                if local is not None and not local.remote:
+                    continue  # ours, whose lease lapsed while Redis was away: keep running it
+                await take_over(rt, handle, prepare_again, sid)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - this session fails; the others go on
+                log.exception("session %s could not be taken over", sid)
+                s = rt.store.sessions.get(sid)
+                if s is not None and not s.remote and not s.terminal and sid in rt.live:
+                    rt.fail(s, f"session {sid} could not be taken over from its replica")
+                else:
                     log_.owned.discard(sid)
-                    continue
-                s = rt.store.adopt(row)
-                log.info("session %s: its replica's lease ran out; taken over", sid)
-                rt.live[sid] = LiveSession(FORMATTERS[s.kind](s))
-                if await log_.cancel_requested(sid):
-                    events = await rt.store.read(s)
-                    for ev in events:
-                        rt.live[sid].formatter.observe(ev.data)
-                    rt.finish(s, "cancelled", Progress.of(events).usage())
-                    continue
-                resumable = await recover(rt, [s], handle.name)
-                await continue_sessions(rt, handle, resumable, prepare_again)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - the takeover must outlive one bad pass
-            log.exception("session takeover pass failed")
+
+
+async def take_over(rt: Runtime, handle: Any, prepare_again: Any, sid: str) -> None:
+    """Continue session `sid`, whose lease this replica just claimed, as a restart does."""
+    log_ = rt.store.event_log
+    row = await log_.load(sid)
+    if row is None or row.fields["state"] not in ACTIVE_STATES:
+        log_.owned.discard(sid)
+        return
+    old = rt.live.get(sid)
+    s = rt.store.adopt(row)
+    log.info("session %s: its replica's lease ran out; taken over", sid)
+    if row.damaged or s.kind not in FORMATTERS:
+        rt.live[sid] = LiveSession(None)
+        rt.store.set_state(s, "failed")
+        return
+    rt.live[sid] = LiveSession(FORMATTERS[s.kind](s),
+                               attached=old.attached if old is not None else 0)
+    if await log_.cancel_requested(sid):
+        events = await rt.store.read(s)
+        for ev in events:
+            rt.live[sid].formatter.observe(ev.data)
+        rt.finish(s, "cancelled", Progress.of(events).usage())
+        return
+    resumable = await recover(rt, [s], handle.name)
+    await continue_sessions(rt, handle, resumable, prepare_again)
 
 
 async def sweep_loop(rt: Runtime) -> None:

@@ -314,9 +314,9 @@ class SessionStore:
         """This replica lost `s` to another (lease lost): follow it from the log from now on.
         Its uncommitted events are dropped (never visible); the ring keeps what committed."""
         s.remote = True
-        while len(s.ring) and s.next_index > s.visible:
+        for _ in range(min(len(s.ring), s.next_index - s.visible)):
             s.ring.pop()
-            s.next_index -= 1
+        s.next_index = s.visible
         s.wake()
 
     def create(self, session_id: str, kind: str, model: str, body_digest: str,

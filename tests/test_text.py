@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 import model
 from decoding import IncrementalDecoder, StopMatcher
-from formatters import ChatFormatter, CompletionFormatter
+from formatters import ChatFormatter, CompletionFormatter, ResponsesFormatter
 from prepare import body_digest
 from routes import parse_last_event_id
 from sampling import RowSampler, SamplingParams, row_seed
@@ -227,3 +227,45 @@ def test_restart_ends_only_the_choices_still_open():
         (1, "interrupted")]
     result = after.result(s, stored + end)
     assert [c["finish_reason"] for c in result["choices"]] == ["stop", "interrupted"]
+
+
+def test_a_formatter_rebuilt_after_a_restart_continues_calls_and_offsets():
+    """Crash continuation appends after stored events: the rebuilt formatter must number the
+    next tool call after the stored ones, stream arguments into the open call, and count
+    legacy text offsets from the stored text."""
+    s = session({"messages": []})
+    before = ChatFormatter(s)
+    stored = [d for d, _ in before.start() + before.delta("get", "tool_call")
+              + before.delta('{"a": ', "tool_arguments")]
+    after = ChatFormatter(s)
+    for d in stored:
+        after.observe(d)
+    more = after.delta("1}", "tool_arguments") + after.delta("put", "tool_call")
+    calls = [json.loads(d)["choices"][0]["delta"]["tool_calls"][0] for d, _ in more]
+    assert calls[0]["index"] == 0 and calls[1]["index"] == 1
+    assert calls[1]["id"].endswith("_1")
+    result = after.result(s, stored + [d for d, _ in more])
+    assert [c["function"]["arguments"] for c in result["choices"][0]["message"]["tool_calls"]] \
+        == ['{"a": 1}', ""]
+
+    c = session({"prompt": "Hi", "logprobs": 1, "echo": True, "_echo_texts": ["Hi"]})
+    first = CompletionFormatter(c)
+    stored = [d for d, _ in first.start() + first.delta("ab", index=0, logprobs=[entry("ab", -1)])]
+    again = CompletionFormatter(c)
+    for d in stored:
+        again.observe(d)
+    lp = json.loads(again.delta("!", index=0, logprobs=[entry("!", -0.1)])[0][0])
+    assert lp["choices"][0]["logprobs"]["text_offset"] == [4]  # "Hi" + "ab"
+
+
+def test_responses_sequence_numbers_run_on_across_parts_of_one_append():
+    """One sampled token can make several parts (`</think>` then text): the sink asks for all
+    their events before it appends them, so their sequence numbers must not restart."""
+    s = session({"input": "x"})
+    f = ResponsesFormatter(s)
+    s.next_index = 5
+    out = f.delta("hm", "reasoning") + f.delta("Hi", "content")
+    seqs = [json.loads(d)["sequence_number"] for d, _ in out]
+    assert seqs == list(range(5, 5 + len(out)))
+    s.next_index += len(out)  # appended: the next call numbers from the log again
+    assert json.loads(f.delta("!", "content")[0][0])["sequence_number"] == s.next_index
