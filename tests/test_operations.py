@@ -152,7 +152,8 @@ def test_kill_frees_the_lock_and_damaged_sessions_do_not_stop_startup(ops):
                          "{}", None, None, None))
         db.execute(row, ("bad-json", "chat.completion", "m", time.time(), "completed", "d",
                          "{not json", None, "[1,", time.time()))
-        db.execute("INSERT INTO events VALUES ('bad-kind', 0, NULL, 'x')")
+        db.execute("INSERT INTO events (session_id, idx, event, data) "
+                   "VALUES ('bad-kind', 0, NULL, 'x')")
     ops.start()  # the lock died with the process: no wait, no refusal
     with httpx.Client(base_url=ops.url, timeout=60) as http:
         assert session_info(ops.url, "bad-kind")["state"] == "failed"
