@@ -178,6 +178,82 @@ class SharedEventLog(EventLog, Protocol):
     async def claim(self, session_id: str) -> bool: ...
 
 
+class WriteQueue:
+    """What both event logs share about their writes: they are queued (`_writes`, an
+    asyncio.Queue made at open) and one writer task commits them, resolving each
+    ("flush", future) op after the commit that follows it; a failed commit calls
+    `_write_failed`. Subclasses set `db_path`, `what` (how the log names itself in
+    messages) and `_writing()` (whether the log is open for writes)."""
+
+    what = "event log"
+    db_path: str
+
+    def _init_writes(self) -> None:
+        self.write_error: str | None = None
+        self._writes: asyncio.Queue | None = None
+        self._fail_waiters: set[asyncio.Future] = set()  # check_writable() calls waiting
+        self._failing_since, self._reported = 0.0, set()  # this failure streak's, for the logs
+
+    def _writing(self) -> bool:
+        raise NotImplementedError
+
+    async def flush(self) -> None:
+        """Return once every write queued before this call has committed."""
+        if not self._writing():
+            return
+        done = asyncio.get_running_loop().create_future()
+        self._writes.put_nowait(("flush", done))
+        await done
+
+    async def check_writable(self, timeout: float) -> None:
+        """Return once every write queued before this call committed.
+
+        Raises StoreUnavailable (message: the reason) at once if commits are failing or as soon
+        as a commit attempt fails, or when `timeout` seconds pass first. The server calls it
+        after creating a session and before generating, to answer 503 rather than stall.
+        """
+        if not self._writing():
+            return
+        if self.write_error is not None:
+            raise StoreUnavailable(self.write_error)
+        loop = asyncio.get_running_loop()
+        done, failed = loop.create_future(), loop.create_future()
+        self._fail_waiters.add(failed)
+        self._writes.put_nowait(("flush", done))
+        try:
+            await asyncio.wait((done, failed), timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._fail_waiters.discard(failed)
+        if done.done():
+            return
+        raise StoreUnavailable(failed.result() if failed.done() else
+                               f"{self.what} {self.db_path}: writes did not commit "
+                               f"within {timeout:g} s")
+
+    def _write_failed(self, reason: str, exc: BaseException | None = None,
+                      writes: int = 0) -> None:
+        """Record a failed commit: set `write_error`, fail waiting check_writable calls.
+        Logged at ERROR once per reason and failure streak, not on every retry."""
+        if self.write_error is None:
+            self._failing_since, self._reported = time.monotonic(), set()
+        if reason not in self._reported:
+            self._reported.add(reason)
+            log.error("%s %s: %s; %d writes stay invisible and new sessions are refused until "
+                      "a retry succeeds", self.what, self.db_path, reason, writes, exc_info=exc)
+        self.write_error = reason
+        for waiter in self._fail_waiters:
+            if not waiter.done():
+                waiter.set_result(reason)
+
+    def _writes_succeed(self) -> None:
+        """A commit succeeded: clear `write_error` (and say so if commits were failing)."""
+        if self.write_error is not None:
+            log.warning("%s %s: commits succeed again after %.1f s of failures", self.what,
+                        self.db_path, time.monotonic() - self._failing_since)
+            self.write_error = None
+
+
 # ---------------------------------------------------------------------------------------------
 # The store
 # ---------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
 from store import (TERMINAL_STATES, Event, EventsGone, Session, StoredRow,
-                   StoreOpenError, StoreUnavailable)
+                   StoreOpenError, StoreUnavailable, WriteQueue)
 from store_sqlite import _parse_row
 
 log = logging.getLogger("resumable.store")
@@ -142,7 +142,7 @@ return found
 # ---------------------------------------------------------------------------------------------
 
 
-class RedisEventLog:
+class RedisEventLog(WriteQueue):
     """Sessions and events in Redis, shared by replicas, written by one group-committing task.
 
     Implements `store.EventLog`. `open()` and `close()` must run on the event loop that uses
@@ -161,22 +161,24 @@ class RedisEventLog:
         self.lease_seconds = lease_seconds
         self.key_prefix = key_prefix
         self.ttl_seconds = ttl_seconds
-        self.write_error: str | None = None
+        self._init_writes()
         self.commits = 0  # round trips committed; read by tests and the benchmark
         self.owned: set[str] = set()  # sessions whose lease this replica holds and renews
         self.on_lease_lost: Callable[[str], Any] = lambda sid: None
         self.on_cancel: Callable[[str], Any] = lambda sid: None
         self._r: aioredis.Redis | None = None  # commands; short timeout
         self._rb: aioredis.Redis | None = None  # blocking reads and pub/sub; no timeout
-        self._writes: asyncio.Queue | None = None
         self._tasks: list[asyncio.Task] = []
         self._io = asyncio.Lock()  # commits and lease renewals take turns (see _renew_loop)
         self._lost: set[str] = set()  # sessions on_lease_lost was called for
-        self._fail_waiters: set[asyncio.Future] = set()
-        self._failing_since, self._reported = 0.0, set()
         self._sha: dict[str, str] = {}
         self._token = f"{replica_id}/{os.urandom(6).hex()}"  # this log's writes (script: wt)
         self._seq = 0  # numbers queued groups (script: ws)
+
+    what = "session store Redis"
+
+    def _writing(self) -> bool:
+        return self._r is not None and self._writes is not None
 
     def _key(self, kind: str, sid: str = "") -> str:
         return f"{self.key_prefix}{kind}{sid}"
@@ -250,39 +252,6 @@ class RedisEventLog:
                 with suppress(Exception):
                     await client.aclose()
         self._r = self._rb = None
-
-    async def flush(self) -> None:
-        """Return once every write queued before this call has committed (or was fenced)."""
-        if self._r is None or self._writes is None:
-            return
-        done = asyncio.get_running_loop().create_future()
-        self._writes.put_nowait(("flush", done))
-        await done
-
-    async def check_writable(self, timeout: float) -> None:
-        """Return once every write queued before this call committed.
-
-        Raises StoreUnavailable (message: the reason) at once if commits are failing or as soon
-        as a commit attempt fails, or when `timeout` seconds pass first.
-        """
-        if self._r is None or self._writes is None:
-            return
-        if self.write_error is not None:
-            raise StoreUnavailable(self.write_error)
-        loop = asyncio.get_running_loop()
-        done, failed = loop.create_future(), loop.create_future()
-        self._fail_waiters.add(failed)
-        self._writes.put_nowait(("flush", done))
-        try:
-            await asyncio.wait((done, failed), timeout=timeout,
-                               return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            self._fail_waiters.discard(failed)
-        if done.done():
-            return
-        raise StoreUnavailable(failed.result() if failed.done() else
-                               f"session store Redis {self.db_path}: writes did not commit "
-                               f"within {timeout:g} s")
 
     # --- what the store writes (queued; committed by the writer) ----------------------------
 
@@ -420,10 +389,7 @@ class RedisEventLog:
                                    f"{type(e).__name__}: {e}", e, len(batch))
                 await asyncio.sleep(min(5.0, 0.2 * attempt))
         self.commits += 1
-        if self.write_error is not None:
-            log.warning("session store %s: commits succeed again after %.1f s of failures",
-                        self.db_path, time.monotonic() - self._failing_since)
-            self.write_error = None
+        self._writes_succeed()
         visible, lost = outcome
         for sid in lost:
             log.warning("session store %s: session %s is no longer this replica's (%s); its "
@@ -504,21 +470,6 @@ class RedisEventLog:
                       "(sessions %s); this is a bug: an event index was written twice",
                       self.db_path, sum(refused.values()), ", ".join(sorted(refused)[:5]))
         return visible, lost
-
-    def _write_failed(self, reason: str, exc: BaseException | None = None,
-                      writes: int = 0) -> None:
-        """Record a failed commit: set `write_error`, fail check_writable (ERROR once per
-        reason and failure streak, not on every retry)."""
-        if self.write_error is None:
-            self._failing_since, self._reported = time.monotonic(), set()
-        if reason not in self._reported:
-            self._reported.add(reason)
-            log.error("%s; %d writes stay invisible and new sessions are refused until a "
-                      "retry succeeds", reason, writes, exc_info=exc)
-        self.write_error = reason
-        for waiter in self._fail_waiters:
-            if not waiter.done():
-                waiter.set_result(reason)
 
     # --- leases and cancels -----------------------------------------------------------------
 

@@ -29,7 +29,7 @@ import aiosqlite
 from filelock import FileLock, Timeout
 
 from store import (ACTIVE_STATES, TERMINAL_STATES, Event, EventsGone, Session, SessionStore,
-                   StoredRow, StoreLocked, StoreOpenError, StoreUnavailable)
+                   StoredRow, StoreLocked, StoreOpenError, StoreUnavailable, WriteQueue)
 
 log = logging.getLogger("resumable.store")
 
@@ -96,7 +96,7 @@ def session_store(db_path: str | None, ring_size: int, ttl_seconds: float, *,
                         SQLiteEventLog(db_path, lock_timeout_seconds=lock_timeout_seconds))
 
 
-class SQLiteEventLog:
+class SQLiteEventLog(WriteQueue):
     """Sessions and events in one SQLite file, written by one group-committing task.
 
     Implements `store.EventLog`. `open()` and `close()` must run on the event loop that uses
@@ -110,17 +110,19 @@ class SQLiteEventLog:
     def __init__(self, db_path: str, *, lock_timeout_seconds: float = 0.0):
         self.db_path = db_path
         self.lock_timeout_seconds = lock_timeout_seconds
-        self.write_error: str | None = None
+        self._init_writes()
         self._db: aiosqlite.Connection | None = None
         self._db_open = False  # False between closing the old and opening the new file (_restore)
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
         self._lock: FileLock | None = None
-        self._writes: asyncio.Queue | None = None
         self._writer: asyncio.Task | None = None
         self._watcher: asyncio.Task | None = None
-        self._fail_waiters: set[asyncio.Future] = set()  # check_writable() calls waiting
-        self._failing_since, self._reported = 0.0, set()  # this failure streak's, for the logs
         self.commits = 0  # transactions committed; read by tests and the benchmark
+
+    what = "session database"
+
+    def _writing(self) -> bool:
+        return self._db is not None and self._writes is not None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -255,40 +257,6 @@ class SQLiteEventLog:
                 self._lock.release(force=True)
             self._lock = None
 
-    async def flush(self) -> None:
-        """Return once every write queued before this call has committed."""
-        if self._db is None or self._writes is None:
-            return
-        done = asyncio.get_running_loop().create_future()
-        self._writes.put_nowait(("flush", done))
-        await done
-
-    async def check_writable(self, timeout: float) -> None:
-        """Return once every write queued before this call committed (at once in memory).
-
-        Raises StoreUnavailable (message: the reason) at once if commits are failing or as soon
-        as a commit attempt fails, or when `timeout` seconds pass first. The server calls it
-        after creating a session and before generating, to answer 503 rather than stall.
-        """
-        if self._db is None or self._writes is None:
-            return
-        if self.write_error is not None:
-            raise StoreUnavailable(self.write_error)
-        loop = asyncio.get_running_loop()
-        done, failed = loop.create_future(), loop.create_future()
-        self._fail_waiters.add(failed)
-        self._writes.put_nowait(("flush", done))
-        try:
-            await asyncio.wait((done, failed), timeout=timeout,
-                               return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            self._fail_waiters.discard(failed)
-        if done.done():
-            return
-        raise StoreUnavailable(failed.result() if failed.done() else
-                               f"session database {self.db_path}: writes did not commit "
-                               f"within {timeout:g} s")
-
     # --- sessions ----------------------------------------------------------------------------
 
     # --- what the store writes (queued; committed by the writer) ----------------------------
@@ -400,10 +368,7 @@ class SQLiteEventLog:
                 with suppress(Exception):
                     await self._db.rollback()
                 await asyncio.sleep(min(5.0, 0.2 * attempt))
-        if self.write_error is not None:
-            log.warning("session store %s: commits succeed again after %.1f s of failures",
-                        self.db_path, time.monotonic() - self._failing_since)
-            self.write_error = None
+        self._writes_succeed()
         upto: dict[int, tuple[Session, int]] = {}
         for op in batch:
             if op[0] == "event":
@@ -413,24 +378,6 @@ class SQLiteEventLog:
                 op[1].set_result(None)
         for s, visible in upto.values():
             s.committed(visible)
-
-    def _write_failed(self, reason: str, exc: BaseException | None = None,
-                      writes: int = 0) -> None:
-        """Record a failed commit (or a vanished file): set `write_error`, fail check_writable.
-
-        Logged at ERROR once per reason and failure streak, not on every retry.
-        """
-        if self.write_error is None:
-            self._failing_since, self._reported = time.monotonic(), set()
-        if reason not in self._reported:
-            self._reported.add(reason)
-            log.error("session store %s: %s; %d writes stay invisible and new sessions are "
-                      "refused until a retry succeeds", self.db_path, reason, writes,
-                      exc_info=exc)
-        self.write_error = reason
-        for waiter in self._fail_waiters:
-            if not waiter.done():
-                waiter.set_result(reason)
 
     # --- a database file removed while running -------------------------------------------------
 
