@@ -197,6 +197,18 @@ class WriteQueue:
     def _writing(self) -> bool:
         raise NotImplementedError
 
+    async def _commit(self, batch: list[tuple]) -> None:
+        raise NotImplementedError
+
+    async def _write_loop(self, max_group: int = 512) -> None:
+        """The writer task: commit whatever queued up, at most `max_group` writes at a time
+        (bounds the latency one commit adds), in order."""
+        while True:
+            batch = [await self._writes.get()]
+            while len(batch) < max_group and not self._writes.empty():
+                batch.append(self._writes.get_nowait())
+            await self._commit(batch)
+
     async def flush(self) -> None:
         """Return once every write queued before this call has committed."""
         if not self._writing():

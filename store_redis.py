@@ -210,7 +210,7 @@ class RedisEventLog(WriteQueue):
             raise StoreOpenError(f"cannot reach the session store at Redis {self.db_path}: "
                                  f"{type(e).__name__}: {e} (check that Redis runs there and "
                                  f"the URL, password and network allow this server in)") from e
-        self._tasks = [asyncio.create_task(self._write_loop(), name="session-store-writer"),
+        self._tasks = [asyncio.create_task(self._write_loop(_MAX_GROUP), name="session-store-writer"),
                        asyncio.create_task(self._renew_loop(), name="session-store-leases"),
                        asyncio.create_task(self._cancel_loop(pubsub), name="session-store-cancel")]
         return []
@@ -358,13 +358,6 @@ class RedisEventLog(WriteQueue):
         return bool(taken)
 
     # --- the writer (group commit) -----------------------------------------------------------
-
-    async def _write_loop(self) -> None:
-        while True:
-            batch = [await self._writes.get()]
-            while len(batch) < _MAX_GROUP and not self._writes.empty():
-                batch.append(self._writes.get_nowait())
-            await self._commit(batch)
 
     async def _commit(self, batch: list[tuple]) -> None:
         """Send `batch` in one pipelined round trip, then make committed events visible.

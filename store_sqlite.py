@@ -149,7 +149,7 @@ class SQLiteEventLog(WriteQueue):
                 raise StoreOpenError(f"cannot open session database {self.db_path}: {e} "
                                      f"({_open_hint(e)})") from e
             raise
-        self._writer = asyncio.create_task(self._write_loop(), name="session-store-writer")
+        self._writer = asyncio.create_task(self._write_loop(_MAX_GROUP), name="session-store-writer")
         self._watcher = asyncio.create_task(self._watch(), name="session-store-watcher")
         return rows
 
@@ -302,13 +302,6 @@ class SQLiteEventLog(WriteQueue):
         return [Event(r[0], r[1], r[2], r[3]) for r in rows]
 
     # --- the writer (group commit) -----------------------------------------------------------
-
-    async def _write_loop(self) -> None:
-        while True:
-            batch = [await self._writes.get()]
-            while len(batch) < _MAX_GROUP and not self._writes.empty():
-                batch.append(self._writes.get_nowait())
-            await self._commit(batch)
 
     async def _insert_events(self, rows: list[tuple]) -> None:
         """Insert and clear `rows`; one executemany keeps it to one thread hop.
