@@ -102,7 +102,7 @@ async def lifespan(app: FastAPI):
     # Generations the last process left running go on once the model is loaded.
     resumable = await recover(rt, [s for s in unfinished if not s.terminal], handle.name)
     def prepare_again(s):
-        return prepare_stored(handle, s.kind, s.request)
+        return prepare_stored(handle, s.kind, s.inputs or s.request)
 
     continuing = asyncio.create_task(continue_sessions(rt, handle, resumable, prepare_again))
     if store.shared:  # other replicas' sessions whose owner died are taken over

@@ -530,6 +530,17 @@ class Prepared:
     # Tool calls to parse: (the model's format, the function names offered, most calls per
     # turn: 1 for parallel_tool_calls=false); None: no tools.
     tools: tuple[ToolFormat, frozenset[str], int | None] | None = None
+    # `stored` with its inline media, when redaction took some out: kept while the session
+    # runs so that a crash does not lose what the prompt is made of (Session.inputs).
+    unredacted: dict[str, Any] | None = None
+
+
+def with_media(p: Prepared, unredacted: dict[str, Any]) -> Prepared:
+    """Keep `unredacted` as the session's inputs if redaction changed it and generations
+    continue after a restart (else no media bytes are ever written)."""
+    if settings.continue_after_restart and unredacted != p.stored:
+        p.unredacted = unredacted
+    return p
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,7 +560,7 @@ async def prepare_chat(body: ChatCompletionRequest, handle: ModelHandle,
     messages, tool_kwargs = with_tools(handle, messages, spec, rules.format)
     kwargs = {**template_kwargs(handle, body.chat_template_kwargs or {}), **tool_kwargs}
     inputs = await asyncio.to_thread(prepare_chat_inputs, handle, messages, kwargs)
-    return prepared(handle, body, inputs, redact_media(raw), rules)
+    return with_media(prepared(handle, body, inputs, redact_media(raw), rules), raw)
 
 
 def prepared(handle: ModelHandle, body: Any, inputs: dict[str, torch.Tensor],
@@ -597,8 +608,9 @@ async def prepare_response(body: ResponsesRequest, handle: ModelHandle, raw: dic
     chat, tool_kwargs = with_tools(handle, chat, spec, rules.format)
     inputs = await asyncio.to_thread(prepare_chat_inputs, handle, chat,
                                      {**template_kwargs(handle, kwargs), **tool_kwargs})
-    stored = redact_media({**raw, "_input_items": items, "_conversation": history + items})
-    return prepared(handle, body, inputs, stored, rules)
+    unredacted = {**raw, "_input_items": items, "_conversation": history + items}
+    return with_media(prepared(handle, body, inputs, redact_media(unredacted), rules),
+                      unredacted)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -611,7 +623,7 @@ async def prepare_stored(handle: ModelHandle, kind: str, stored: dict[str, Any])
     a restart): the same template, tokens and sampling, as nothing they depend on is random.
     `kind` is the session's (a formatter kind). Raises APIError when the inputs are gone:
     inline media is stored only as its SHA-256 (redact_media), so such a prompt cannot be
-    rebuilt."""
+    rebuilt; pass the session's `inputs` (media included) when it has them."""
     raw = {k: v for k, v in stored.items() if not k.startswith("_")}
     if kind == "chat.completion":
         return await prepare_chat(ChatCompletionRequest.model_validate(raw), handle, raw)

@@ -278,7 +278,8 @@ async def run_session(request: Request, body, kind: str, prepare,
     stored = prepared.stored
     if settings.api_keys:
         stored = {**stored, "_owner": request_owner(request)}
-    s = rt.create(session_id or new_session_id(), kind, handle.name, digest, stored)
+    s = rt.create(session_id or new_session_id(), kind, handle.name, digest, stored,
+                  prepared.unredacted)
     try:
         # Nothing runs for a session the log cannot hold: a full or broken disk answers 503
         # at once instead of a stream that never shows its first event.

@@ -181,10 +181,11 @@ class Runtime:
     # --- creating and starting sessions -------------------------------------------------------
 
     def create(self, session_id: str, kind: str, model: str, digest: str,
-               request: dict[str, Any]) -> Session:
+               request: dict[str, Any], inputs: dict[str, Any] | None = None) -> Session:
         """A new `queued` session with its formatter and its first events (e.g.
-        `response.created`) appended. Raises KeyError if a live session has the id."""
-        s = self.store.create(session_id, kind, model, digest, request)
+        `response.created`) appended; `inputs` as Session.inputs. Raises KeyError if a live
+        session has the id."""
+        s = self.store.create(session_id, kind, model, digest, request, inputs)
         live = self.live[s.id] = LiveSession(FORMATTERS[kind](s))
         self.append_all(s, live.formatter.created())
         return s

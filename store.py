@@ -96,6 +96,10 @@ class Session:
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
     ended_at: float | None = None
+    # The request with its inline media, kept (and persisted) only while the session runs, so a
+    # generation continued after a crash can rebuild its prompt; None once ended, or when the
+    # stored `request` has everything (media by URL only).
+    inputs: dict[str, Any] | None = None
     next_index: int = 0
     visible: int = 0
     ring: deque = field(default_factory=deque)
@@ -408,16 +412,17 @@ class SessionStore:
         s.wake()
 
     def create(self, session_id: str, kind: str, model: str, body_digest: str,
-               request: dict[str, Any]) -> Session:
-        """Register a new `queued` session. Raises KeyError if a live session has the id
-        (an expired one not yet swept is dropped first: its id is free again)."""
+               request: dict[str, Any], inputs: dict[str, Any] | None = None) -> Session:
+        """Register a new `queued` session (`inputs`: see Session.inputs). Raises KeyError if
+        a live session has the id (an expired one not yet swept is dropped first: its id is
+        free again)."""
         taken = self.sessions.get(session_id)
         if taken is not None:
             if not self._expired(taken, time.time()):
                 raise KeyError(session_id)
             self._drop(session_id)
         s = Session(id=session_id, kind=kind, model=model, created=time.time(),
-                    body_digest=body_digest, request=request,
+                    body_digest=body_digest, request=request, inputs=inputs,
                     ring=deque(maxlen=self.ring_size))
         # Written before it is registered: a request that cannot be stored (raises) must
         # not leave a session behind that no writer ever persisted.
@@ -447,6 +452,7 @@ class SessionStore:
             s.usage = usage
         if state in TERMINAL_STATES:
             s.ended_at = time.time()
+            s.inputs = None  # the log drops its copy with the same write
 
     def append(self, s: Session, data: str, event: str | None = None) -> int:
         """Append one event to the session's log and return its index.

@@ -58,7 +58,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from store import (TERMINAL_STATES, Event, EventsGone, Session, StoredRow,
                    StoreOpenError, StoreUnavailable, WriteQueue)
-from store_sqlite import _parse_row
+from store_sqlite import _json, _parse_row
 
 log = logging.getLogger("resumable.store")
 
@@ -303,6 +303,9 @@ class RedisEventLog(WriteQueue):
                h.get("finish_reason") or None, h.get("usage") or None,
                _number(h.get("ended_at") or None))
         fields, problems = _parse_row(row)
+        inputs = _json(h["inputs"]) if h.get("inputs") else None
+        if isinstance(inputs, dict) and fields["state"] not in TERMINAL_STATES:
+            fields["inputs"] = inputs
         try:
             next_index = int(h["next"])
         except (KeyError, ValueError):
@@ -538,6 +541,10 @@ def _fields(s: Session, full: bool) -> dict[str, str]:
         out.update(kind=s.kind, model=s.model, created=repr(s.created),
                    body_digest=s.body_digest,
                    request=json.dumps(s.request, separators=(",", ":")))
+        if s.inputs is not None:
+            out["inputs"] = json.dumps(s.inputs, separators=(",", ":"))
+    if s.state in TERMINAL_STATES:
+        out["inputs"] = ""  # media kept only while the session runs
     return out
 
 

@@ -33,7 +33,7 @@ from store import (ACTIVE_STATES, TERMINAL_STATES, Event, EventsGone, Session, S
 
 log = logging.getLogger("resumable.store")
 
-SCHEMA_VERSION = 2  # 2: events.meta
+SCHEMA_VERSION = 3  # 2: events.meta; 3: sessions.inputs
 
 # ---------------------------------------------------------------------------------------------
 # Schema and statements
@@ -50,7 +50,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     request TEXT NOT NULL,
     finish_reason TEXT,
     usage TEXT,
-    ended_at REAL
+    ended_at REAL,
+    inputs TEXT
 );
 CREATE TABLE IF NOT EXISTS events (
     session_id TEXT NOT NULL,
@@ -64,10 +65,11 @@ CREATE TABLE IF NOT EXISTS events (
 
 _UPSERT_SESSION = """
 INSERT INTO sessions (id, kind, model, created, state, body_digest, request, finish_reason,
-                      usage, ended_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                      usage, ended_at, inputs)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT(id) DO UPDATE SET state=excluded.state, finish_reason=excluded.finish_reason,
-                              usage=excluded.usage, ended_at=excluded.ended_at
+                              usage=excluded.usage, ended_at=excluded.ended_at,
+                              inputs=CASE WHEN excluded.ended_at IS NULL THEN inputs END
 """
 # A repaired row (see _load) gets every column rewritten, so the next start reads it cleanly.
 _REPAIR_SESSION = """
@@ -158,6 +160,9 @@ class SQLiteEventLog(WriteQueue):
         columns = {r[1] for r in await self._db.execute_fetchall("PRAGMA table_info(events)")}
         if "meta" not in columns:
             await self._db.execute("ALTER TABLE events ADD COLUMN meta TEXT")
+        columns = {r[1] for r in await self._db.execute_fetchall("PRAGMA table_info(sessions)")}
+        if "inputs" not in columns:
+            await self._db.execute("ALTER TABLE sessions ADD COLUMN inputs TEXT")
 
     async def _take_lock(self, timeout: float) -> FileLock:
         """Lock `<db_path>.lock` for this store's life, waiting up to `timeout` seconds.
@@ -211,13 +216,16 @@ class SQLiteEventLog(WriteQueue):
         rows: list[StoredRow] = []
         for row in await self._db.execute_fetchall(
             "SELECT id, kind, model, created, state, body_digest, request, finish_reason, usage,"
-            " ended_at FROM sessions"
+            " ended_at, inputs FROM sessions"
         ):
             if not isinstance(row[0], str):
                 log.error("session store %s: skipped a session row with id %r", self.db_path,
                           row[0])
                 continue
-            fields, problems = _parse_row(row)
+            fields, problems = _parse_row(row[:10])
+            inputs = _json(row[10]) if row[10] is not None else None
+            if isinstance(inputs, dict) and fields["state"] in ACTIVE_STATES:
+                fields["inputs"] = inputs
             if problems:
                 # One bad row must not keep the server from starting: end it, keep its events.
                 log.error("session %s in %s has unreadable columns (%s); loaded as failed",
@@ -270,7 +278,7 @@ class SQLiteEventLog(WriteQueue):
 
     def repair(self, s: Session) -> None:
         """Rewrite every column of a damaged row, so the next start reads it cleanly."""
-        self._writes.put_nowait(("repair", s, _session_op(s)[2]))
+        self._writes.put_nowait(("repair", s, _session_op(s)[2][:10]))
 
     def put_events(self, s: Session, events: list[Event], with_session: bool = False) -> None:
         """Append `events` (and the session row if `with_session`) in one transaction."""
@@ -448,7 +456,8 @@ def _session_op(s: Session) -> tuple:
     return ("session", s, (
             s.id, s.kind, s.model, s.created, s.state, s.body_digest,
             json.dumps(s.request, separators=(",", ":")), s.finish_reason,
-            json.dumps(s.usage) if s.usage is not None else None, s.ended_at))
+            json.dumps(s.usage) if s.usage is not None else None, s.ended_at,
+            json.dumps(s.inputs, separators=(",", ":")) if s.inputs is not None else None))
 
 # ---------------------------------------------------------------------------------------------
 # Helpers

@@ -447,3 +447,36 @@ def test_the_grammar_constrains_the_answer_after_the_thought(http, model_dir):
     message = r["choices"][0]["message"]
     assert r["choices"][0]["finish_reason"] == "stop", r
     assert json.loads(message["content"]) in ({"ok": True}, {"ok": False})
+
+
+def test_a_crash_continues_a_vision_session_from_its_inline_media(vl):
+    """Inline media is kept with the running session (and only then): after a kill -9 the
+    restarted server rebuilds the prompt, image included, and finishes the stream as an
+    uninterrupted run does. Last in the module: it restarts the module's server."""
+    from test_restart import choices_of
+    image = data_url(png(72, 72, (10, 200, 10)), "image/png")
+    body = {**ask(image_part(image)), "max_tokens": 400, "stream": True}
+    with httpx.Client(base_url=vl.url, timeout=120) as c:
+        _, whole = read_events(c, "POST", "/v1/chat/completions",
+                               json={**body, "session_id": "vl-ref-" + uuid.uuid4().hex})
+        sid = "vl-crash-" + uuid.uuid4().hex
+        _, seen = read_events(c, "POST", "/v1/chat/completions", limit=6,
+                              json={**body, "session_id": sid})
+    vl.kill()
+    db = sqlite3.connect(vl.env["SESSIONS_DB_PATH"])
+    state, inputs = db.execute("SELECT state, inputs FROM sessions WHERE id=?", (sid,)).fetchone()
+    db.close()
+    assert state == "in_progress" and image.split(",", 1)[1][:200] in inputs
+    vl.start()
+    with httpx.Client(base_url=vl.url, timeout=120) as c:
+        _, rest = read_events(c, "POST", "/v1/chat/completions",
+                              json={**body, "session_id": sid},
+                              headers={"Last-Event-ID": seen[-1]["id"]})
+    full = seen + rest
+    assert [e["id"] for e in full] == [f"{sid}:{i}" for i in range(len(full))]
+    assert choices_of(full) == choices_of(whole) and full[-1]["data"] == "[DONE]"
+    db = sqlite3.connect(vl.env["SESSIONS_DB_PATH"])
+    row = db.execute("SELECT state, inputs, request FROM sessions WHERE id=?", (sid,)).fetchone()
+    db.close()
+    assert row[0] == "completed" and row[1] is None  # the media went with the session's end
+    assert image.split(",", 1)[1][:200] not in row[2]
