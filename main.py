@@ -68,12 +68,12 @@ def build_store() -> SessionStore:
     (SESSIONS_DB_PATH), or memory only (PERSIST_SESSIONS=false)."""
     if settings.event_store_url:
         from store_redis import RedisEventLog  # redis-py is needed only here
-        log_ = RedisEventLog(settings.event_store_url,
-                             replica_id=settings.replica_id or
-                             f"{socket.gethostname()}-{os.getpid()}",
-                             lease_seconds=settings.lease_seconds,
-                             ttl_seconds=settings.sessions_ttl_seconds)
-        return SessionStore(settings.ring_buffer_size, settings.sessions_ttl_seconds, log_)
+        shared = RedisEventLog(settings.event_store_url,
+                               replica_id=settings.replica_id or
+                               f"{socket.gethostname()}-{os.getpid()}",
+                               lease_seconds=settings.lease_seconds,
+                               ttl_seconds=settings.sessions_ttl_seconds)
+        return SessionStore(settings.ring_buffer_size, settings.sessions_ttl_seconds, shared)
     return session_store(settings.sessions_db_path if settings.persist_sessions else None,
                          settings.ring_buffer_size, settings.sessions_ttl_seconds,
                          lock_timeout_seconds=settings.sessions_db_lock_timeout_seconds)
@@ -101,6 +101,7 @@ async def lifespan(app: FastAPI):
     formatters_for(rt, list(store.sessions.values()))
     # Generations the last process left running go on once the model is loaded.
     resumable = await recover(rt, [s for s in unfinished if not s.terminal], handle.name)
+
     def prepare_again(s):
         return prepare_stored(handle, s.kind, s.inputs or s.request)
 
