@@ -147,7 +147,8 @@ def test_kill_frees_the_lock_and_damaged_sessions_do_not_stop_startup(ops):
                               json={**CHAT, "stream": True, "session_id": "good-1"})
     ops.kill()
     with sqlite3.connect(ops.db) as db:
-        row = "INSERT INTO sessions VALUES (?,?,?,?,?,?,?,?,?,?)"
+        row = ("INSERT INTO sessions (id, kind, model, created, state, body_digest, request, "
+               "finish_reason, usage, ended_at) VALUES (?,?,?,?,?,?,?,?,?,?)")
         db.execute(row, ("bad-kind", "no.such.kind", "m", time.time(), "in_progress", "d",
                          "{}", None, None, None))
         db.execute(row, ("bad-json", "chat.completion", "m", time.time(), "completed", "d",
