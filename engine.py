@@ -49,7 +49,8 @@ class JobSink(Protocol):
     ((channel, text) pairs, possibly several: `</think>` ends reasoning and starts content),
     the logprob entries of the tokens that text shows (ride on the first part), and `tokens`,
     the ids accepted since the last call for this choice (held-back tokens of a partial stop
-    string or tag come with the text they finally produce). A sink that persists these with
+    string or tag come with the text they finally produce). The lists are the sink's to keep:
+    the engine starts new ones. A sink that persists these with
     the text can continue the choice after a crash (GenerationJob.resume). `seed` is the
     row's generator seed (drawn when the request has none).
     """
@@ -80,6 +81,12 @@ class Resume:
     tokens: dict[int, list[int]] = field(default_factory=dict)
     seeds: dict[int, int] = field(default_factory=dict)
     done: dict[int, tuple[str, int, int]] = field(default_factory=dict)
+
+    def completion_tokens(self) -> dict[int, int]:
+        """Tokens generated before the crash, per choice index."""
+        counts = {c: len(t) for c, t in self.tokens.items()}
+        counts.update({c: d[1] for c, d in self.done.items()})
+        return counts
 
 
 @dataclass
@@ -410,8 +417,7 @@ class Engine:
         if job.resume is not None:
             # Delivered before the crash: counted first, so a cancel inside the re-prefill
             # still reports them.
-            state.completion_tokens = sum(len(t) for i, t in job.resume.tokens.items()
-                                          if i not in job.resume.done)
+            state.completion_tokens = sum(job.resume.completion_tokens().values())
         job.sink.started(job.prompt_tokens)
         self.prefilling = job
         try:
@@ -463,9 +469,8 @@ class Engine:
         groups: dict[tuple[int, ...], list[int]] = {}
         for i in indices:
             if i in resume.done:
-                reason, completion, reasoning = resume.done[i]
+                reason, _, reasoning = resume.done[i]
                 state.reasons[i] = reason
-                state.completion_tokens += completion
                 state.reasoning_tokens += reasoning
             else:
                 groups.setdefault(tuple(resume.tokens.get(i, ())), []).append(i)

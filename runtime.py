@@ -39,17 +39,16 @@ class SessionSink:
     at the next start), later calls change nothing.
 
     Each text event carries in `Event.meta` the token ids behind it and its choice's seed (the
-    prompt's size on a choice's first event, a finished choice's counts): `Progress.of` reads them back after a
-    crash. One engine call is one `append_many`, so text and tokens commit together."""
+    prompt's size on a choice's first event, a finished choice's counts): `Progress.of` reads
+    them back after a crash. One engine call is one `append_many`, so text and tokens commit
+    together."""
 
     def __init__(self, runtime: "Runtime", s: Session, prompt_tokens: int,
                  resume: Resume | None = None):
         self.runtime, self.s, self.live = runtime, s, runtime.live[s.id]
         self.prompt_tokens = prompt_tokens
-        self.completion_tokens: dict[int, int] = {}  # per choice index
-        if resume is not None:
-            self.completion_tokens = {c: len(t) for c, t in resume.tokens.items()}
-            self.completion_tokens.update({c: d[1] for c, d in resume.done.items()})
+        # per choice index
+        self.completion_tokens = resume.completion_tokens() if resume is not None else {}
         self.carry: dict[int, list[int]] = {}  # tokens of text that made no event (yet)
         self.described: set[int] = set()  # choices whose prompt size was stored here
         self.closed = False
@@ -66,13 +65,13 @@ class SessionSink:
 
     def delta(self, index: int, parts: list[tuple[str, str]], completion_tokens: int,
               logprobs: list[dict[str, Any]] | None, tokens: list[int], seed: int) -> None:
-        self._call(self._delta, index, parts, completion_tokens, logprobs, list(tokens), seed)
+        self._call(self._delta, index, parts, completion_tokens, logprobs, tokens, seed)
 
     def choice_finished(self, index: int, reason: str, parts: list[tuple[str, str]],
                         completion_tokens: int, reasoning_tokens: int,
                         logprobs: list[dict[str, Any]] | None, tokens: list[int]) -> None:
         self._call(self._choice_finished, index, reason, parts, completion_tokens,
-                   reasoning_tokens, logprobs, list(tokens))
+                   reasoning_tokens, logprobs, tokens)
 
     def finished(self, reason: str, prompt_tokens: int, completion_tokens: int,
                  reasoning_tokens: int = 0) -> None:
@@ -420,9 +419,19 @@ class Progress:
         if self.prompt_tokens is None:
             return None
         r = self.resume
-        completion = sum(len(t) for c, t in r.tokens.items() if c not in r.done)
-        return usage_object(self.prompt_tokens, completion + sum(d[1] for d in r.done.values()),
+        return usage_object(self.prompt_tokens, sum(r.completion_tokens().values()),
                             sum(d[2] for d in r.done.values()))
+
+
+def why_not_continue(s: Session, model_name: str, now: float) -> str | None:
+    """Why a session the last process left running cannot be continued, or None."""
+    if not settings.continue_after_restart:
+        return "CONTINUE_AFTER_RESTART is off"
+    if now - s.created > settings.continue_max_age_seconds:
+        return f"it is older than CONTINUE_MAX_AGE_SECONDS={settings.continue_max_age_seconds:g}"
+    if s.model != model_name:
+        return f"it ran on model {s.model!r}, not {model_name!r}"
+    return None
 
 
 async def recover(rt: Runtime, unfinished: list[Session], model_name: str
@@ -439,12 +448,7 @@ async def recover(rt: Runtime, unfinished: list[Session], model_name: str
             for ev in events:
                 rt.live[s.id].formatter.observe(ev.data)
             progress = Progress.of(events)
-            why = ("CONTINUE_AFTER_RESTART is off" if not settings.continue_after_restart
-                   else f"it is older than CONTINUE_MAX_AGE_SECONDS="
-                        f"{settings.continue_max_age_seconds:g}"
-                   if now - s.created > settings.continue_max_age_seconds
-                   else f"it ran on model {s.model!r}, not {model_name!r}"
-                   if s.model != model_name else None)
+            why = why_not_continue(s, model_name, now)
             if why is None:
                 log.info("session %s was %s when the server stopped: continuing it at event %d",
                          s.id, s.state, s.next_index)
@@ -465,8 +469,9 @@ async def recover(rt: Runtime, unfinished: list[Session], model_name: str
 async def continue_sessions(rt: Runtime, handle: Any, resumable: list[tuple[Session, Progress]],
                             prepare_again: Any) -> None:
     """Once the model is loaded, queue each recovered session's generation where it stopped:
-    its prompt rebuilt from the stored request by `prepare_again(s) -> Prepared` (raises
-    APIError when its inputs are gone, e.g. inline media, which is never stored), then
+    its prompt rebuilt from the stored request (and Session.inputs) by `prepare_again(s) ->
+    Prepared` (raises APIError when its inputs are gone, e.g. a media URL that no longer
+    answers), then
     prompt + delivered tokens re-prefilled by the engine. A session cancelled meanwhile, or
     whose inputs are gone, is left or ended `interrupted`."""
     while resumable and handle.state not in ("ready", "failed"):

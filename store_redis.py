@@ -381,8 +381,8 @@ class RedisEventLog(WriteQueue):
                 if isinstance(e, NoScriptError):  # Redis restarted and lost its script cache
                     with suppress(Exception):
                         await self._load_scripts()
-                self._write_failed(f"session store Redis {self.db_path}: "
-                                   f"{type(e).__name__}: {e}", e, len(batch))
+                # the log line names the store (WriteQueue._write_failed), as SQLite's does
+                self._write_failed(f"{type(e).__name__}: {e}", e, len(batch))
                 await asyncio.sleep(min(5.0, 0.2 * attempt))
         self.commits += 1
         self._writes_succeed()
