@@ -25,7 +25,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
-from prometheus_client import make_asgi_app
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
@@ -33,19 +32,19 @@ from engine import Engine
 from model import ModelHandle, load_model, served_model_name
 from routes import (cancel_response, cancel_session, chat_completions, compact_response,
                     completions, create_response, delete_response, delete_session, get_session,
-                    health, list_models, ready, response_input_items_route, retrieve_model,
-                    retrieve_response, stream_session, validation_error)
+                    health, list_models, metrics, playground, ready, response_input_items_route,
+                    retrieve_model, retrieve_response, stream_session, validation_error)
 from prepare import prepare_stored
 from runtime import Runtime, continue_sessions, formatters_for, recover, sweep_loop
 from schemas import APIError, ErrorResponse, error_body, error_response
 from security import APIKeyMiddleware, BodyLimitMiddleware, HostCheckMiddleware, split_list
-from settings import settings
+from settings import reload_settings, settings
 from store import EventsGone, SessionStore, StoreLocked, StoreOpenError
 from store_sqlite import session_store
-from telemetry import (KV_CACHE_USAGE, QUEUE_DEPTH, RUNNING_SEQUENCES, WAITING_SEQUENCES,
-                       configure_logging)
+from telemetry import (KV_CACHE_USAGE, QUEUE_DEPTH, REQUEST_ID, RUNNING_SEQUENCES,
+                       WAITING_SEQUENCES, AccessLogMiddleware, configure_logging)
 
-configure_logging(settings.log_level)
+configure_logging(settings.log_level, settings.log_format)
 log = logging.getLogger("resumable")
 
 
@@ -235,7 +234,7 @@ def create_app() -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception):
-        request_id = uuid.uuid4().hex[:16]
+        request_id = REQUEST_ID.get() or uuid.uuid4().hex[:16]
         log.error("request %s %s %s failed", request_id, request.method, request.url.path,
                   exc_info=e)
         return JSONResponse(error_body(500, f"internal server error (request id {request_id})",
@@ -257,8 +256,12 @@ def create_app() -> FastAPI:
     app.post("/v1/cancel/{session_id}")(cancel_session)
     app.get("/health")(health)
     app.get("/ready")(ready)
-    app.mount("/metrics", make_asgi_app())
-    # Outermost last: Host check, then CORS (so 401s carry CORS headers), keys, body limit.
+    app.get("/metrics", include_in_schema=False)(metrics)
+    app.get("/metrics/", include_in_schema=False)(metrics)
+    app.get("/", include_in_schema=False)(playground)
+    app.get("/playground", include_in_schema=False)(playground)
+    # Added innermost first. Outermost: the access log (request ids), Host check, CORS (so
+    # 401s carry CORS headers), API keys, body limit.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     app.add_middleware(APIKeyMiddleware, keys=split_list(settings.api_keys))
     origins = split_list(settings.cors_allow_origins)
@@ -268,6 +271,7 @@ def create_app() -> FastAPI:
                            allow_headers=["content-type", "authorization", "last-event-id"],
                            expose_headers=["X-Session-Id"], max_age=600)
     app.add_middleware(HostCheckMiddleware, allowed=split_list(settings.allowed_hosts))
+    app.add_middleware(AccessLogMiddleware)  # outermost: every answer has a request id and a log
     return app
 
 
@@ -279,27 +283,63 @@ app = create_app()
 # ---------------------------------------------------------------------------------------------
 
 
-def cli(argv: list[str] | None = None) -> None:
-    """`python main.py [--model X] [--host H] [--port P]`: the flags a vLLM user reaches for,
-    mapped onto the same settings as the environment (MODEL_REPO_ID, PORT), then uvicorn.
+# vLLM's `vllm serve` flags that mean the same here, and the setting each one sets.
+CLI_FLAGS = {
+    "--model": ("MODEL_REPO_ID", "Hugging Face id or local directory; default: the embedded "
+                                 "SmolLM2-135M-Instruct"),
+    "--served-model-name": ("SERVED_MODEL_NAME", "the model name clients see"),
+    "--api-key": ("API_KEYS", "API key(s), comma-separated; clients send Bearer <key>"),
+    "--dtype": ("TORCH_DTYPE", "auto, bfloat16, float16 or float32"),
+    "--max-num-seqs": ("MAX_NUM_SEQS", "sequences decoded together"),
+    "--allowed-origins": ("CORS_ALLOW_ORIGINS", "CORS origins, comma-separated ('*': any)"),
+    "--log-format": ("LOG_FORMAT", "text or json"),
+}
 
-    uvicorn imports `main:app` afresh (this file runs as `__main__`), so the flags reach the
-    app through the environment; metrics live in telemetry.py so the second import does not
-    register them twice.
+
+def cli(argv: list[str] | None = None) -> None:
+    """`python main.py [MODEL] [--model X] [--host H] [--port P] [...]`: the flags a vLLM user
+    reaches for (`vllm serve MODEL --host --port --api-key ...`), each setting the environment
+    variable of the same setting (CLI_FLAGS), then uvicorn. A flag wins over the environment.
+
+    uvicorn imports `main:app` afresh (this file runs as `__main__`): the flags reach it through
+    the environment and the settings instance read again; metrics live in telemetry.py so the
+    second import does not register them twice.
     """
     import argparse
+    import json
 
     import uvicorn
 
     parser = argparse.ArgumentParser(prog="python main.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="Hugging Face id or local directory (MODEL_REPO_ID); "
-                                        "default: the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("model_positional", nargs="?", metavar="MODEL",
+                        help="same as --model (as in `vllm serve MODEL`)")
+    for flag, (env, help) in CLI_FLAGS.items():
+        parser.add_argument(flag, help=f"{help} ({env})")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the model repository's own code (TRUST_REMOTE_CODE)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=settings.port, help="port (PORT, default 8000)")
+    parser.add_argument("--root-path", default="", help="path prefix behind a proxy (uvicorn)")
     args = parser.parse_args(argv)
-    if args.model is not None:
-        os.environ["MODEL_REPO_ID"] = args.model
-    uvicorn.run("main:app", host=args.host, port=args.port, log_level=settings.log_level.lower())
+    if args.model_positional and args.model and args.model_positional != args.model:
+        parser.error("give the model once: positionally or with --model")
+    args.model = args.model or args.model_positional
+    for flag, (env, _) in CLI_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and value.startswith("["):  # vLLM takes '["*"]'; we take *,...
+            try:
+                value = ",".join(json.loads(value))
+            except (ValueError, TypeError):
+                parser.error(f"{flag}: not a JSON list of strings: {value}")
+        if value is not None:
+            os.environ[env] = value
+    if args.trust_remote_code:
+        os.environ["TRUST_REMOTE_CODE"] = "true"
+    # uvicorn's import of `main` finds settings.py already imported (by this __main__), so
+    # the flags reach it only through the one settings instance, read again here.
+    reload_settings()
+    uvicorn.run("main:app", host=args.host, port=args.port, root_path=args.root_path,
+                log_level=settings.log_level.lower())
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ state, which the lifespan turns into exit status 1). Nothing here knows HTTP or 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
+import ntpath
 import os
 import shutil
 import tempfile
@@ -80,10 +82,15 @@ class ModelHandle:
 def served_model_name() -> str:
     """The model's public name: the repo id, or a local directory's last part (a full path
     would tell every client where the server keeps its files)."""
+    if settings.served_model_name:
+        return settings.served_model_name
     source = settings.model_repo_id.rstrip("/\\")
     if not source:
         return EMBEDDED_MODEL_NAME
-    if os.path.isabs(source) or source.startswith(".") or os.path.isdir(source):
+    # A Windows path is a path on any OS (a repo id has no backslash or drive colon), so the
+    # name does not depend on where the server runs.
+    if (os.path.isabs(source) or ntpath.isabs(source) or "\\" in source
+            or source.startswith(".") or os.path.isdir(source)):
         return os.path.basename(source.replace("\\", "/"))
     return source
 
@@ -198,7 +205,12 @@ def load_model(handle: ModelHandle) -> None:
         load_kwargs: dict[str, Any] = {"dtype": resolve_dtype(settings.torch_dtype)}
         if settings.device_map:
             load_kwargs["device_map"] = settings.device_map
-        model = model_cls.from_pretrained(source, config=config, **common, **load_kwargs)
+        # The GGUF conversion draws a tqdm bar straight on stderr (transformers' own
+        # disable_progress_bar does not reach it); with JSON logs every stderr line is JSON.
+        # Our log handler holds the real stderr, so records still get out meanwhile.
+        with (contextlib.redirect_stderr(open(os.devnull, "w")) if gguf and
+              settings.log_format == "json" else contextlib.nullcontext()):
+            model = model_cls.from_pretrained(source, config=config, **common, **load_kwargs)
         if not settings.device_map:
             model.to("cuda" if torch.cuda.is_available() else "cpu")
         model.eval()

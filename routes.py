@@ -10,10 +10,13 @@ import logging
 import os
 import re
 import secrets
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import Depends, Header, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from prometheus_client import REGISTRY
+from prometheus_client.exposition import choose_encoder
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from formatters import ChatFormatter, CompletionFormatter, ResponsesFormatter
@@ -509,6 +512,28 @@ async def ready(request: Request):
     require_ready(handle)
     require_storage(runtime_of(request))
     return {"status": "ready", "model": handle.name}
+
+
+async def metrics(request: Request):
+    """`GET /metrics`: Prometheus text (or OpenMetrics when the scraper's Accept asks for it),
+    answered at /metrics itself: a mounted ASGI app answered 307 to /metrics/ first."""
+    encoder, content_type = choose_encoder(request.headers.get("accept"))
+    return Response(encoder(REGISTRY), media_type=content_type)
+
+
+PLAYGROUND = Path(__file__).with_name("playground.html")
+# The page's script and style are inline and it calls only this server: nothing else may run.
+PLAYGROUND_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
+                               "style-src 'unsafe-inline'; img-src 'self' data: blob:; "
+                               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+
+
+async def playground():
+    """`GET /` and `/playground`: the browser playground, one static file (playground.html)."""
+    return FileResponse(PLAYGROUND, media_type="text/html; charset=utf-8",
+                        headers=PLAYGROUND_HEADERS)
 
 
 # ---------------------------------------------------------------------------------------------

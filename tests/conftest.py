@@ -1,7 +1,7 @@
 """Fixtures: real `uvicorn main:app` processes on 127.0.0.1, the embedded SmolLM2, temp SQLite.
 
-Starting a server loads the model (about 20 s on a 2-core CPU), so one server is shared per
-test module where the tests do not need a configuration of their own.
+Starting a server loads the model (about 20 s on a 2-core CPU), so one default-configured
+server is shared by the whole run (`server`); modules that need other settings start their own.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -79,11 +80,37 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
 
-@pytest.fixture(scope="module")
+# The default-configured server is shared by every module that uses it (each server start
+# loads the model: ~17 s of a 2-core CI run). It logs JSON (LOG_FORMAT=json), so the whole
+# suite's traffic goes through the JSON formatter; tests/test_playground.py reads it.
+_shared: list[Server] = []
+
+
+@pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("srv")).start()
+    srv = Server(tmp_path_factory.mktemp("srv"), LOG_FORMAT="json").start()
+    _shared.append(srv)
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _leave_the_shared_server_idle():
+    """After each module, cancel what its tests left running on the shared server (streams
+    dropped mid-way go on for CANCEL_AFTER_DISCONNECT_SECONDS), so the next module's tests
+    do not share the CPU with them."""
+    yield
+    if not _shared or _shared[0].proc is None or _shared[0].proc.poll() is not None:
+        return
+    srv = _shared[0]
+    with sqlite3.connect(srv.env["SESSIONS_DB_PATH"]) as conn:
+        running = [row[0] for row in conn.execute(
+            "SELECT id FROM sessions WHERE state IN ('queued', 'in_progress')")]
+    for session_id in running:
+        try:
+            httpx.post(f"{srv.url}/v1/cancel/{session_id}", timeout=10)
+        except httpx.HTTPError:
+            pass
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +177,7 @@ def finish_reason_of(events: list[dict]) -> str | None:
 def metric(url: str, name: str) -> float:
     """Sum of a Prometheus metric's samples from /metrics."""
     total = 0.0
-    for line in httpx.get(url + "/metrics/", timeout=10).text.splitlines():
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
         if line.startswith(name) and not line.startswith("#"):
             key = line.split(" ")[0].split("{")[0]
             if key == name:

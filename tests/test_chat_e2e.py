@@ -107,7 +107,7 @@ def test_health_ready_docs_metrics(http):
     assert http.get("/ready").status_code == 200
     assert http.get("/docs").status_code == 200
     assert "/v1/chat/completions" in http.get("/openapi.json").json()["paths"]
-    assert "resumable_generations_started_total" in http.get("/metrics/").text
+    assert "resumable_generations_started_total" in http.get("/metrics").text
 
 
 # --- resume -----------------------------------------------------------------------------------

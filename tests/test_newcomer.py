@@ -31,7 +31,9 @@ def http(server):
 @pytest.mark.skipif(sys.platform == "win32", reason="sends SIGINT (Ctrl-C) to the process")
 def test_python_main_py_serves_and_ctrl_c_shuts_down_cleanly(tmp_path):
     port, db = free_port(), tmp_path / "s.db"
-    proc = subprocess.Popen([sys.executable, "main.py", "--port", str(port)], cwd=ROOT,
+    # vLLM's flags map onto the settings (SERVED_MODEL_NAME, API_KEYS).
+    proc = subprocess.Popen([sys.executable, "main.py", "--port", str(port),
+                             "--served-model-name", "smol", "--api-key", "k1"], cwd=ROOT,
                             env={**__import__("os").environ, "SESSIONS_DB_PATH": str(db)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out: list[str] = []
@@ -48,7 +50,9 @@ def test_python_main_py_serves_and_ctrl_c_shuts_down_cleanly(tmp_path):
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
-        with httpx.Client(base_url=url, timeout=60) as http:
+        with httpx.Client(base_url=url, timeout=60, headers={"Authorization": "Bearer k1"}) as http:
+            assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["smol"]
+            assert httpx.get(url + "/v1/models").status_code == 401
             _, seen = read_events(http, "POST", "/v1/chat/completions", limit=5,
                                   json={**LONG, "stream": True, "session_id": "ctrl-c"})
             assert len(seen) == 5

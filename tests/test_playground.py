@@ -1,0 +1,271 @@
+"""The browser playground in a real headless Chromium (Debian's `chromium`, driven by
+playwright's Python API with `executable_path`; playwright's own browser download is not
+used), plus what operators see of the same server: JSON logs, /metrics, request ids. The
+server is the suite's shared one (conftest.py), which logs JSON.
+
+The browser reaches the server through `CuttableProxy`, a small TCP proxy a test cuts
+mid-stream (every open connection reset at once, as a dropped wifi does); the page must end
+with exactly the text the session stored, each event applied once. Every line the server
+wrote so far (the earlier modules' traffic too) must parse as JSON, with no prompt in them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from conftest import content_of, read_events
+
+CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or \
+    shutil.which("chromium-browser")
+# Seen in a stored prompt only if a log line leaked it.
+CANARY = "zebra-canary-7731"
+
+
+# --- a TCP proxy that can drop every connection at once ---------------------------------------
+
+
+class CuttableProxy:
+    """127.0.0.1:<port> -> target, one thread pair per connection. `cut()` resets every open
+    connection (both sides) and counts them; new connections keep being accepted."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.lock = threading.Lock()
+        self.open: list[tuple[socket.socket, socket.socket]] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self.lock:
+                self.open.append((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> int:
+        """Reset every open connection (SO_LINGER 0: an RST, not a polite FIN). shutdown()
+        first: a close() alone does not wake the pump thread blocked in recv() on it, and the
+        connection would live on."""
+        with self.lock:
+            pairs, self.open = self.open, []
+        n = 0
+        for pair in pairs:
+            live = False
+            for s in pair:
+                try:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+                    s.shutdown(socket.SHUT_RDWR)
+                    live = True
+                except OSError:
+                    pass  # already shut down: by its own end, or by the pump of the other side
+                s.close()
+            n += live
+        return n
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
+# --- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def proxy(server):
+    p = CuttableProxy(server.port)
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM:
+        pytest.skip("no Chromium: install Debian's `chromium` package (or set CHROMIUM_PATH) "
+                    "to run the browser tests")
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="playwright (requirements-dev.txt) is not installed")
+    with sync_api.sync_playwright() as pw:
+        # The flags keep Chromium off the network it would call home on (refused here).
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, proxy, tmp_path):
+    # bypass_csp: playwright evaluates its wait conditions as strings, which the page's CSP
+    # (no eval) refuses; the page itself runs under it in the other tests' checks.
+    context = browser.new_context(viewport={"width": 1000, "height": 800}, bypass_csp=True)
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.goto(proxy.url + "/")
+    pg.wait_for_function("document.getElementById('model').textContent.startsWith('SmolLM2')")
+    yield pg
+    pg.screenshot(path=str(tmp_path / "playground.png"), full_page=True)
+    context.close()
+    assert errors == [], f"the page raised: {errors}"
+
+
+def ask(pg, prompt: str, max_tokens: int) -> None:
+    pg.fill("#temperature", "0")
+    pg.fill("#max-tokens", str(max_tokens))
+    pg.fill("#prompt", prompt)
+    pg.click("#send")
+
+
+def wait_for_text(pg, chars: int) -> None:
+    pg.wait_for_function(
+        f"(document.querySelector('.msg.assistant:last-child .content') || {{}}).textContent"
+        f"?.length >= {chars}", timeout=60_000)
+
+
+def answer(pg) -> tuple[str, str, str]:
+    """(session id, shown answer text, finish state) of the last assistant message."""
+    return pg.evaluate("""() => {
+        const m = [...document.querySelectorAll('.msg.assistant')].pop();
+        return [m.dataset.session, m.querySelector('.content').textContent, m.dataset.finish];
+    }""")
+
+
+def stored_answer(server, session_id: str) -> str:
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        r, events = read_events(c, "GET", f"/v1/sessions/{session_id}/stream")
+    assert r.status_code == 200
+    return content_of(events)
+
+
+def assert_each_event_once(pg) -> None:
+    seen = pg.evaluate("window.playground.seen")
+    indexes = [int(i.rsplit(":", 1)[1]) for i in seen]
+    assert indexes == list(range(len(indexes))), f"events not applied once each, in order: {seen}"
+
+
+# --- the browser tests ------------------------------------------------------------------------
+
+
+def test_a_stream_cut_mid_way_ends_with_the_whole_answer_once(page, proxy, server):
+    ask(page, "Write a long story about a dragon.", 80)
+    wait_for_text(page, 20)
+    assert proxy.cut() >= 1  # the POST's connection, mid-stream
+    page.wait_for_selector("#state[data-state=done]", timeout=90_000)
+    session_id, text, finish = answer(page)
+    assert "reconnecting" in page.evaluate("window.playground.states")
+    assert finish == "length"
+    assert text == stored_answer(server, session_id) and len(text) > 60
+    assert_each_event_once(page)
+    assert page.text_content("#speed").startswith("80 tokens")
+
+
+def test_a_reload_mid_stream_picks_the_session_up_again(page, server):
+    ask(page, "Tell me about the history of Rome.", 80)
+    wait_for_text(page, 20)
+    url_session = page.evaluate("new URLSearchParams(location.search).get('session')")
+    page.reload()
+    page.wait_for_selector("#state[data-state=done]", timeout=90_000)
+    session_id, text, finish = answer(page)
+    assert session_id == url_session
+    assert text == stored_answer(server, session_id) and finish == "length"
+    assert "history of Rome" in page.text_content(".msg.user")  # the question survived too
+    assert_each_event_once(page)
+
+
+def test_cancel_stops_the_generation(page, server):
+    ask(page, "Write a long story about a dragon.", 400)
+    wait_for_text(page, 10)
+    page.click("#cancel")
+    page.wait_for_selector("#state[data-state=cancelled]", timeout=60_000)
+    session_id, text, finish = answer(page)
+    assert finish == "cancelled"
+    state = httpx.get(f"{server.url}/v1/sessions/{session_id}", timeout=10).json()
+    assert state["state"] == "cancelled"
+    assert text == stored_answer(server, session_id)
+
+
+# --- without a browser: the page itself, logs, metrics ----------------------------------------
+
+
+def test_the_page_is_one_local_file(server):
+    for path in ("/", "/playground"):
+        r = httpx.get(server.url + path, timeout=10)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        assert "default-src 'self'" in r.headers["content-security-policy"]
+        # Nothing from a CDN: every src/href is a path on this server or an anchor.
+        for attr in ("src=\"", "href=\""):
+            for part in r.text.split(attr)[1:]:
+                assert part.startswith(("/", "#")), part[:60]
+        assert "http://" not in r.text and "https://" not in r.text
+
+
+def test_metrics_answer_without_a_redirect(server):
+    r = httpx.get(server.url + "/metrics", timeout=10)
+    assert r.status_code == 200 and "resumable_generations_started_total" in r.text
+    assert r.headers["content-type"].startswith("text/plain")
+    open_metrics = httpx.get(server.url + "/metrics", timeout=10,
+                             headers={"Accept": "application/openmetrics-text"})
+    assert open_metrics.headers["content-type"].startswith("application/openmetrics-text")
+
+
+def test_json_logs_name_requests_and_sessions_never_prompts(server):
+    body = {"messages": [{"role": "user", "content": f"Say {CANARY} twice."}],
+            "max_tokens": 5, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        r, events = read_events(c, "POST", "/v1/chat/completions", json=body,
+                                headers={"X-Request-Id": "req-canary-1"})
+        assert r.headers["x-request-id"] == "req-canary-1"
+        session_id = r.headers["x-session-id"]
+        generated = r.headers["x-request-id"] and c.get("/health").headers["x-request-id"]
+        assert len(generated) == 16  # a request id is made when the client sends none
+        bad = c.post("/v1/chat/completions", json={"messages": "no"})
+        assert bad.status_code == 400
+    # The access record is written once the response has gone out: wait for the last one.
+    deadline = time.monotonic() + 10
+    while True:
+        records = [json.loads(line)  # every line, uvicorn's included, is JSON
+                   for line in server.logs().splitlines() if line.strip()]
+        if any(r.get("request_id") == bad.headers["x-request-id"] for r in records) or \
+                time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    assert any(r["logger"].startswith("uvicorn") for r in records)
+    access = [r for r in records if r.get("request_id") == "req-canary-1"
+              and r["logger"] == "resumable.access"]
+    assert len(access) == 1, access
+    a = access[0]
+    assert (a["method"], a["path"], a["status"], a["session_id"]) == (
+        "POST", "/v1/chat/completions", 200, session_id)
+    assert a["latency_ms"] >= a["ttfb_ms"] > 0
+    assert any(r.get("status") == 400 and r["logger"] == "resumable.access" for r in records)
+    assert CANARY not in server.logs()
+    assert content_of(events)  # the request itself worked
