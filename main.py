@@ -237,8 +237,10 @@ def create_app() -> FastAPI:
         request_id = REQUEST_ID.get() or uuid.uuid4().hex[:16]
         log.error("request %s %s %s failed", request_id, request.method, request.url.path,
                   exc_info=e)
+        # Answered by Starlette's outermost middleware, past the access log's header.
         return JSONResponse(error_body(500, f"internal server error (request id {request_id})",
-                                       code="internal_error"), status_code=500)
+                                       code="internal_error"), status_code=500,
+                            headers={"X-Request-Id": request_id})
 
     app.get("/v1/models")(list_models)
     app.get("/v1/models/{model:path}")(retrieve_model)
@@ -268,8 +270,9 @@ def create_app() -> FastAPI:
     if origins:
         app.add_middleware(CORSMiddleware, allow_origins=origins,
                            allow_methods=["GET", "POST", "DELETE"],
-                           allow_headers=["content-type", "authorization", "last-event-id"],
-                           expose_headers=["X-Session-Id"], max_age=600)
+                           allow_headers=["content-type", "authorization", "last-event-id",
+                                          "x-request-id"],
+                           expose_headers=["X-Session-Id", "X-Request-Id"], max_age=600)
     app.add_middleware(HostCheckMiddleware, allowed=split_list(settings.allowed_hosts))
     app.add_middleware(AccessLogMiddleware)  # outermost: every answer has a request id and a log
     return app

@@ -144,20 +144,26 @@ def template_variables(*templates: Any) -> frozenset[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def gguf_cache_dir(directory: str, gguf: str) -> str:
+    """Where the converted copy of a GGUF file lives: `$XDG_CACHE_HOME/resumable/<file>-<size>-
+    <mtime>` (~/.cache when unset), keyed so that a changed file is converted again."""
+    st = os.stat(os.path.join(directory, gguf))
+    root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                        "resumable")
+    return os.path.join(root, f"{gguf}-{st.st_size}-{st.st_mtime_ns}")
+
+
 def gguf_metadata(directory: str, gguf: str) -> tuple[Any, Any]:
     """(config, tokenizer) of a GGUF file, read from a converted copy when there is one.
 
     transformers parses the whole GGUF (its 49k-token vocabulary included) for each of config,
     tokenizer and weights: ~5 s each on a 2-core CPU, most of a server start. The config and
-    tokenizer are saved once in Hugging Face format under the user cache
-    (`$XDG_CACHE_HOME/resumable/<file>-<size>-<mtime>`), keyed so a changed file is converted
-    again; a cache that cannot be written is skipped (logged).
+    tokenizer are saved once in Hugging Face format in `gguf_cache_dir` (copies of older
+    files of the same name are removed then); a cache that cannot be written is skipped
+    (logged).
     """
-    path = os.path.join(directory, gguf)
-    st = os.stat(path)
-    root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-                        "resumable")
-    cached = os.path.join(root, f"{gguf}-{st.st_size}-{st.st_mtime_ns}")
+    cached = gguf_cache_dir(directory, gguf)
+    root = os.path.dirname(cached)
     if os.path.isfile(os.path.join(cached, "config.json")):
         try:
             return AutoConfig.from_pretrained(cached), AutoTokenizer.from_pretrained(cached)
@@ -174,10 +180,43 @@ def gguf_metadata(directory: str, gguf: str) -> tuple[Any, Any]:
             os.replace(tmp, cached)  # atomic; a concurrent start may have won: keep theirs
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
+        # A reinstalled package has a new mtime: its old copy (weights too) is garbage now.
+        for name in os.listdir(root):
+            if name.startswith(gguf + "-") and os.path.join(root, name) != cached:
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     except OSError as e:
         log.info("could not cache the GGUF metadata under %s (%s); next start parses it again",
                  root, e)
     return config, tokenizer
+
+
+GGUF_WEIGHTS = "model.safetensors"
+
+
+def cache_gguf_weights(model: Any, cached: str) -> None:
+    """Save the dequantized float32 weights of a model loaded from a GGUF into its cache dir
+    (`model.safetensors`, ~540 MB for SmolLM2-135M), so later starts load them directly
+    instead of parsing and dequantizing the GGUF (~12 s of a 2-core CPU start -> ~1 s).
+    Only float32 weights are saved: they are the dequantized values exactly; a bfloat16 copy
+    would make a later float32 start differ. Failures are logged and skipped."""
+    if model.dtype != torch.float32 or not os.path.isdir(cached):
+        return
+    try:
+        # safetensors' own writer: transformers' save_pretrained refuses a model that came
+        # from a GGUF ("quantized with gguf"), though its weights are plain tensors by now.
+        # Tied tensors (lm_head = embed_tokens) are written once and tied again at load.
+        from safetensors.torch import save_model
+        fd, tmp = tempfile.mkstemp(prefix=".weights-", dir=cached)
+        os.close(fd)
+        try:
+            save_model(model, tmp, metadata={"format": "pt"})
+            os.replace(tmp, os.path.join(cached, GGUF_WEIGHTS))
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    except OSError as e:
+        log.info("could not cache the converted GGUF weights in %s (%s); next start converts "
+                 "them again", cached, e)
 
 
 def load_model(handle: ModelHandle) -> None:
@@ -192,14 +231,19 @@ def load_model(handle: ModelHandle) -> None:
         common: dict[str, Any] = {"trust_remote_code": settings.trust_remote_code}
         if settings.hf_token:
             common["token"] = settings.hf_token
-        tokenizer = None
+        tokenizer, cached = None, None
         if settings.model_repo_id:
             source, gguf = settings.model_repo_id, None
             config = AutoConfig.from_pretrained(source, **common)
         else:
-            source, gguf = embedded_model_dir(), EMBEDDED_GGUF
-            common["gguf_file"] = gguf
-            config, tokenizer = gguf_metadata(source, gguf)
+            directory = embedded_model_dir()
+            config, tokenizer = gguf_metadata(directory, EMBEDDED_GGUF)
+            cached = gguf_cache_dir(directory, EMBEDDED_GGUF)
+            if os.path.isfile(os.path.join(cached, GGUF_WEIGHTS)):
+                source, gguf = cached, None  # weights converted by an earlier start
+            else:
+                source, gguf = directory, EMBEDDED_GGUF
+                common["gguf_file"] = gguf
         vision = type(config) in AutoModelForImageTextToText._model_mapping
         model_cls = AutoModelForImageTextToText if vision else AutoModelForCausalLM
         load_kwargs: dict[str, Any] = {"dtype": resolve_dtype(settings.torch_dtype)}
@@ -210,7 +254,20 @@ def load_model(handle: ModelHandle) -> None:
         # Our log handler holds the real stderr, so records still get out meanwhile.
         with (contextlib.redirect_stderr(open(os.devnull, "w")) if gguf and
               settings.log_format == "json" else contextlib.nullcontext()):
-            model = model_cls.from_pretrained(source, config=config, **common, **load_kwargs)
+            try:
+                model = model_cls.from_pretrained(source, config=config, **common,
+                                                  **load_kwargs)
+            except Exception as e:  # noqa: BLE001 - a damaged converted copy: use the GGUF
+                if source != cached:
+                    raise
+                log.warning("ignoring the converted GGUF weights in %s: %s", cached, e)
+                os.remove(os.path.join(cached, GGUF_WEIGHTS))
+                source, gguf = embedded_model_dir(), EMBEDDED_GGUF
+                common["gguf_file"] = gguf
+                model = model_cls.from_pretrained(source, config=config, **common,
+                                                  **load_kwargs)
+        if gguf:
+            cache_gguf_weights(model, cached)
         if not settings.device_map:
             model.to("cuda" if torch.cuda.is_available() else "cpu")
         model.eval()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import os
 import re
 import sys
 import time
@@ -92,12 +91,12 @@ def configure_logging(level: str, log_format: str = "text") -> None:
         logging.getLogger("uvicorn.access").disabled = True
         AccessLogMiddleware.level = logging.INFO
         # Everything else that writes to stderr, as records or not at all: transformers' own
-        # handler, Python warnings, progress bars (the GGUF conversion's tqdm).
+        # handler and progress bars, Python warnings. (The GGUF conversion's raw tqdm bar is
+        # silenced where it runs, in model.py: tqdm reads TQDM_DISABLE only at import.)
         from transformers.utils import logging as hf_logging
         hf_logging.disable_default_handler()
         hf_logging.enable_propagation()
         hf_logging.disable_progress_bar()
-        os.environ["TQDM_DISABLE"] = "1"
         logging.captureWarnings(True)
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
@@ -133,7 +132,10 @@ class AccessLogMiddleware:
             return await self.app(scope, receive, send)
         sent = dict(scope["headers"]).get(b"x-request-id", b"")
         request_id = sent.decode() if REQUEST_ID_RE.match(sent) else uuid.uuid4().hex[:16]
-        token = REQUEST_ID.set(request_id)
+        # Not reset afterwards: each request runs in its own task (its own context), and the
+        # 500 handler runs outside this middleware (Starlette's ServerErrorMiddleware) and
+        # must still read the id.
+        REQUEST_ID.set(request_id)
         started, info = time.perf_counter(), {"status": None, "session_id": None, "ttfb": None}
 
         async def send_with_id(message):
@@ -161,4 +163,3 @@ class AccessLogMiddleware:
                        "latency_ms": round((time.perf_counter() - started) * 1000, 1),
                        "ttfb_ms": None if ttfb is None else round(ttfb * 1000, 1),
                        "request_id": request_id})
-            REQUEST_ID.reset(token)

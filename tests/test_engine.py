@@ -4,6 +4,7 @@ SmolLM2 model, failure isolation and batch-independent output at the engine's ow
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 import time
 
 import pytest
@@ -194,6 +195,31 @@ def test_logprob_bytes_join_a_character_split_across_tokens(engine):
     pieces = [token_piece(tok, i) for i in tok(text, add_special_tokens=False)["input_ids"]]
     assert b"".join(bytes(raw) for _, raw in pieces) == text.encode("utf-8")
     assert any(t == "\ufffd" for t, _ in pieces)  # some token is only part of a character
+
+
+def test_converted_gguf_weights_load_as_the_gguf_does(tmp_path, monkeypatch, caplog):
+    """The first start converts the GGUF and caches its float32 weights (model.safetensors);
+    later starts load that copy, tensor for tensor the same. A damaged copy is ignored
+    (logged): that start converts the GGUF again and rewrites it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    directory = embedded_model_dir()
+    cached = Path(model.gguf_cache_dir(directory, model.EMBEDDED_GGUF))
+    gguf_metadata(directory, model.EMBEDDED_GGUF)
+    (cached / model.GGUF_WEIGHTS).write_bytes(b"not safetensors")
+    from_gguf = ModelHandle(name="a")
+    load_model(from_gguf)  # the damaged copy is refused, the GGUF converted
+    assert from_gguf.state == "ready", from_gguf.error
+    assert "ignoring the converted GGUF weights" in caplog.text
+    assert (cached / model.GGUF_WEIGHTS).stat().st_size > 100_000_000
+    from_copy = ModelHandle(name="b")
+    load_model(from_copy)
+    assert from_copy.state == "ready" and from_copy.load_seconds < from_gguf.load_seconds
+    expected = from_gguf.model.state_dict()
+    loaded = from_copy.model.state_dict()
+    assert expected.keys() == loaded.keys()
+    assert all(torch.equal(expected[k], loaded[k]) for k in expected)
+    tied = from_copy.model.lm_head.weight, from_copy.model.model.embed_tokens.weight
+    assert tied[0].data_ptr() == tied[1].data_ptr()
 
 
 def test_converted_gguf_metadata_matches_the_gguf(engine, tmp_path, monkeypatch):

@@ -12,87 +12,16 @@ wrote so far (the earlier modules' traffic too) must parse as JSON, with no prom
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import threading
 import time
 
 import httpx
 import pytest
 
-from conftest import content_of, read_events
+from conftest import (CuttableProxy, answer, ask, assert_each_event_once, content_of,
+                      read_events, wait_for_text)
 
-CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or \
-    shutil.which("chromium-browser")
 # Seen in a stored prompt only if a log line leaked it.
 CANARY = "zebra-canary-7731"
-
-
-# --- a TCP proxy that can drop every connection at once ---------------------------------------
-
-
-class CuttableProxy:
-    """127.0.0.1:<port> -> target, one thread pair per connection. `cut()` resets every open
-    connection (both sides) and counts them; new connections keep being accepted."""
-
-    def __init__(self, target_port: int):
-        self.target_port = target_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.lock = threading.Lock()
-        self.open: list[tuple[socket.socket, socket.socket]] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            with self.lock:
-                self.open.append((client, upstream))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def cut(self) -> int:
-        """Reset every open connection (SO_LINGER 0: an RST, not a polite FIN). shutdown()
-        first: a close() alone does not wake the pump thread blocked in recv() on it, and the
-        connection would live on."""
-        with self.lock:
-            pairs, self.open = self.open, []
-        n = 0
-        for pair in pairs:
-            live = False
-            for s in pair:
-                try:
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
-                    s.shutdown(socket.SHUT_RDWR)
-                    live = True
-                except OSError:
-                    pass  # already shut down: by its own end, or by the pump of the other side
-                s.close()
-            n += live
-        return n
-
-    def close(self) -> None:
-        self.listener.close()
-        self.cut()
 
 
 # --- fixtures ---------------------------------------------------------------------------------
@@ -103,22 +32,6 @@ def proxy(server):
     p = CuttableProxy(server.port)
     yield p
     p.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM:
-        pytest.skip("no Chromium: install Debian's `chromium` package (or set CHROMIUM_PATH) "
-                    "to run the browser tests")
-    sync_api = pytest.importorskip("playwright.sync_api",
-                                   reason="playwright (requirements-dev.txt) is not installed")
-    with sync_api.sync_playwright() as pw:
-        # The flags keep Chromium off the network it would call home on (refused here).
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        yield b
-        b.close()
 
 
 @pytest.fixture
@@ -137,38 +50,11 @@ def page(browser, proxy, tmp_path):
     assert errors == [], f"the page raised: {errors}"
 
 
-def ask(pg, prompt: str, max_tokens: int) -> None:
-    pg.fill("#temperature", "0")
-    pg.fill("#max-tokens", str(max_tokens))
-    pg.fill("#prompt", prompt)
-    pg.click("#send")
-
-
-def wait_for_text(pg, chars: int) -> None:
-    pg.wait_for_function(
-        f"(document.querySelector('.msg.assistant:last-child .content') || {{}}).textContent"
-        f"?.length >= {chars}", timeout=60_000)
-
-
-def answer(pg) -> tuple[str, str, str]:
-    """(session id, shown answer text, finish state) of the last assistant message."""
-    return pg.evaluate("""() => {
-        const m = [...document.querySelectorAll('.msg.assistant')].pop();
-        return [m.dataset.session, m.querySelector('.content').textContent, m.dataset.finish];
-    }""")
-
-
 def stored_answer(server, session_id: str) -> str:
     with httpx.Client(base_url=server.url, timeout=60) as c:
         r, events = read_events(c, "GET", f"/v1/sessions/{session_id}/stream")
     assert r.status_code == 200
     return content_of(events)
-
-
-def assert_each_event_once(pg) -> None:
-    seen = pg.evaluate("window.playground.seen")
-    indexes = [int(i.rsplit(":", 1)[1]) for i in seen]
-    assert indexes == list(range(len(indexes))), f"events not applied once each, in order: {seen}"
 
 
 # --- the browser tests ------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -109,6 +110,17 @@ def test_kill_9_mid_stream_continues_the_generation(srv):
     db.close()
     assert states["greedy-1"] == states["seeded-1"] == states["cancel-1"] == "in_progress"
     srv.start()
+    # The uninterrupted runs to compare with, started now so that they share the batch with
+    # the continuations (rows do not change each other's output: tests/test_batching.py).
+    pool = ThreadPoolExecutor(4)
+    wholes = {sid: pool.submit(stream, srv.url, body, sid + "-whole")
+              for sid, body in (("greedy-1", GREEDY), ("seeded-1", SEEDED),
+                                ("prefill-1", LONG_PROMPT))}
+    wholes["cut-1"] = pool.submit(lambda: whole_cut)
+    again_future = pool.submit(
+        openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0).responses.create,
+        model="m", input="Tell me a long story.", max_output_tokens=80, temperature=0,
+        extra_body={"ignore_eos": True})
     # Cancel reaches a generation continued after a restart.
     done = threading.Event()
     tail: list[dict] = []
@@ -133,7 +145,7 @@ def test_kill_9_mid_stream_continues_the_generation(srv):
             assert seen[sid] + rest == full
         assert [e["id"] for e in full] == [f"{sid}:{i}" for i in range(len(full))]
         # ... the same as an uninterrupted run of the same request, usage included.
-        whole = whole_cut if sid == "cut-1" else stream(srv.url, body, sid + "-whole")
+        whole = wholes[sid].result()
         assert choices_of(full) == choices_of(whole), sid
         assert full[-1]["data"] == "[DONE]" and finish_reason_of(full) in ("length", "stop")
         state = info(srv.url, sid)
@@ -152,9 +164,8 @@ def test_kill_9_mid_stream_continues_the_generation(srv):
     assert final.incomplete_details.reason == "max_output_tokens"
     text = "".join(e.delta for e in joined if e.type == "response.output_text.delta")
     assert final.output_text == text
-    again = client.responses.create(model="m", input="Tell me a long story.",
-                                    max_output_tokens=80, temperature=0,
-                                    extra_body={"ignore_eos": True})
+    again = again_future.result()
+    pool.shutdown()
     assert again.output_text == text and len(text) > 200
     assert final.usage.output_tokens == again.usage.output_tokens == 80
 

@@ -9,7 +9,8 @@ import httpx
 import openai
 import pytest
 
-from conftest import QUESTION, Server, read_events
+from conftest import (QUESTION, CuttableProxy, Server, answer, ask, assert_each_event_once,
+                      content_of, read_events, wait_for_text)
 
 KEY_A, KEY_B = "sk-test-alpha-0123456789", "sk-test-beta-9876543210"
 ORIGIN = "http://app.example"
@@ -106,6 +107,7 @@ def test_cors_allows_the_configured_origin_only(srv):
         r = a.post("/v1/chat/completions", json=CHAT, headers={"Origin": ORIGIN})
         assert r.headers["access-control-allow-origin"] == ORIGIN
         assert "x-session-id" in r.headers["access-control-expose-headers"].lower()
+        assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
         r = a.post("/v1/chat/completions", json=CHAT, headers={"Origin": "http://evil.example"})
         assert "access-control-allow-origin" not in r.headers
 
@@ -118,3 +120,37 @@ def test_host_header_on_loopback_must_be_a_local_name(srv):
         for host in ("evil.example", f"evil.example:{srv.port}", "127.0.0.1.evil.example"):
             err = error_of(anon.get("/health", headers={"Host": host}), 400)
             assert err["code"] == "invalid_host"
+
+
+# --- the playground with keys: the key field, and the resume over fetch ------------------------
+
+
+def test_the_playground_asks_for_the_key_and_resumes_with_it(srv, browser, tmp_path):
+    """With API_KEYS the page shows its key field (its first /v1 call is 401), and after a
+    drop it resumes over fetch with the key (an EventSource cannot send Authorization)."""
+    proxy = CuttableProxy(srv.port)
+    context = browser.new_context(bypass_csp=True)  # see tests/test_playground.py
+    page = context.new_page()
+    try:
+        page.goto(proxy.url + "/")
+        page.wait_for_selector("#key-box:not([hidden])")
+        page.fill("#key", KEY_A)
+        page.dispatch_event("#key", "change")
+        page.wait_for_function("document.getElementById('model').textContent.startsWith('Smol')")
+        ask(page, "Write a long story about a dragon.", 60)
+        wait_for_text(page, 20)
+        assert proxy.cut() >= 1
+        page.wait_for_selector("#state[data-state=done]", timeout=90_000)
+        session_id, text, finish = answer(page)
+        assert "reconnecting" in page.evaluate("window.playground.states")
+        assert finish == "length"
+        assert_each_event_once(page)
+        with client(srv, KEY_A) as a:
+            _, events = read_events(a, "GET", f"/v1/sessions/{session_id}/stream")
+        assert text == content_of(events)
+        # The key stays in the tab: never in the URL.
+        assert KEY_A not in page.url
+        page.screenshot(path=str(tmp_path / "playground-keys.png"))
+    finally:
+        context.close()
+        proxy.close()
