@@ -3,9 +3,10 @@
 #                  docker run --gpus all -p 127.0.0.1:8000:8000 -v resumable-data:/data resumable
 #   CPU:           docker build -t resumable:cpu --build-arg BASE_IMAGE=ubuntu:24.04 \
 #                    --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .
-# The session database (SESSIONS_DB_PATH) and downloaded models (HF_HOME) live in the /data
-# volume, so sessions and their streams survive a new container, and crash continuation picks
-# up what the old one was generating. Settings are environment variables (.env.example).
+# The session database (SESSIONS_DB_PATH), downloaded models (HF_HOME) and the embedded
+# model's converted weights (XDG_CACHE_HOME) live in the /data volume, so sessions and their
+# streams survive a new container, crash continuation picks up what the old one was
+# generating, and only the first start converts or downloads a model. Settings are environment variables (.env.example).
 
 # The CUDA base brings the driver interface that --gpus maps in; PyPI's torch wheels bring
 # their own CUDA libraries, so the small `base` flavour is enough.
@@ -22,7 +23,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/venv/bin:$PATH \
     SESSIONS_DB_PATH=/data/sessions.db \
-    HF_HOME=/data/huggingface
+    HF_HOME=/data/huggingface \
+    XDG_CACHE_HOME=/data/cache
 
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \

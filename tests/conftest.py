@@ -275,7 +275,7 @@ def browser():
 # The playground page, driven: what a user types, what the page shows.
 
 
-def ask(pg, prompt: str, max_tokens: int) -> None:
+def ask_in_page(pg, prompt: str, max_tokens: int) -> None:
     pg.fill("#temperature", "0")
     pg.fill("#max-tokens", str(max_tokens))
     pg.fill("#prompt", prompt)

@@ -17,8 +17,8 @@ import time
 import httpx
 import pytest
 
-from conftest import (CuttableProxy, answer, ask, assert_each_event_once, content_of,
-                      read_events, wait_for_text)
+from conftest import (CuttableProxy, answer, ask_in_page, assert_each_event_once,
+                      content_of, read_events, wait_for_text)
 
 # Seen in a stored prompt only if a log line leaked it.
 CANARY = "zebra-canary-7731"
@@ -61,7 +61,7 @@ def stored_answer(server, session_id: str) -> str:
 
 
 def test_a_stream_cut_mid_way_ends_with_the_whole_answer_once(page, proxy, server):
-    ask(page, "Write a long story about a dragon.", 80)
+    ask_in_page(page, "Write a long story about a dragon.", 80)
     wait_for_text(page, 20)
     assert proxy.cut() >= 1  # the POST's connection, mid-stream
     page.wait_for_selector("#state[data-state=done]", timeout=90_000)
@@ -74,7 +74,7 @@ def test_a_stream_cut_mid_way_ends_with_the_whole_answer_once(page, proxy, serve
 
 
 def test_a_reload_mid_stream_picks_the_session_up_again(page, server):
-    ask(page, "Tell me about the history of Rome.", 80)
+    ask_in_page(page, "Tell me about the history of Rome.", 80)
     wait_for_text(page, 20)
     url_session = page.evaluate("new URLSearchParams(location.search).get('session')")
     page.reload()
@@ -87,7 +87,7 @@ def test_a_reload_mid_stream_picks_the_session_up_again(page, server):
 
 
 def test_cancel_stops_the_generation(page, server):
-    ask(page, "Write a long story about a dragon.", 400)
+    ask_in_page(page, "Write a long story about a dragon.", 400)
     wait_for_text(page, 10)
     page.click("#cancel")
     page.wait_for_selector("#state[data-state=cancelled]", timeout=60_000)

@@ -9,8 +9,8 @@ import httpx
 import openai
 import pytest
 
-from conftest import (QUESTION, CuttableProxy, Server, answer, ask, assert_each_event_once,
-                      content_of, read_events, wait_for_text)
+from conftest import (QUESTION, CuttableProxy, Server, answer, ask_in_page,
+                      assert_each_event_once, content_of, read_events, wait_for_text)
 
 KEY_A, KEY_B = "sk-test-alpha-0123456789", "sk-test-beta-9876543210"
 ORIGIN = "http://app.example"
@@ -137,7 +137,7 @@ def test_the_playground_asks_for_the_key_and_resumes_with_it(srv, browser, tmp_p
         page.fill("#key", KEY_A)
         page.dispatch_event("#key", "change")
         page.wait_for_function("document.getElementById('model').textContent.startsWith('Smol')")
-        ask(page, "Write a long story about a dragon.", 60)
+        ask_in_page(page, "Write a long story about a dragon.", 60)
         wait_for_text(page, 20)
         assert proxy.cut() >= 1
         page.wait_for_selector("#state[data-state=done]", timeout=90_000)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import Server, read_events
+from conftest import Server, ask_in_page, read_events
 from tiny_qwen3vl import build_tiny_qwen3vl
 
 # --- media made in the test ---------------------------------------------------------------------
@@ -480,3 +480,47 @@ def test_a_crash_continues_a_vision_session_from_its_inline_media(vl):
     db.close()
     assert row[0] == "completed" and row[1] is None  # the media went with the session's end
     assert image.split(",", 1)[1][:200] not in row[2]
+
+
+# --- the playground with a vision (and thinking) model ------------------------------------------
+
+def test_the_playground_sends_an_image_and_shows_reasoning_apart(vl, browser, media_root,
+                                                                  tmp_path):
+    """The image picker shows for a model with image input; the uploaded picture goes in the
+    request as a data: URL and shows in the conversation; the tiny model's output (all inside
+    the template's <think>) shows in the reasoning box, not as the answer."""
+    context = browser.new_context(bypass_csp=True)  # see tests/test_playground.py
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(vl.url + "/")
+        page.wait_for_selector("#image-row:not([hidden])")
+        page.set_input_files("#image", str(media_root / "red.png"))
+        ask_in_page(page, "What color is this?", 12)
+        page.wait_for_selector("#state[data-state=done]", timeout=90_000)
+        assert page.get_attribute(".msg.user img", "src").startswith("data:image/png;base64,")
+        session_id = page.get_attribute(".msg.assistant", "data-session")
+        shown = page.text_content(".msg.assistant .reasoning-text")
+        assert shown and page.is_visible("details.reasoning")
+        assert page.text_content(".msg.assistant .content") == ""
+        with httpx.Client(base_url=vl.url, timeout=60) as c:
+            _, events = read_events(c, "GET", f"/v1/sessions/{session_id}/stream")
+            usage = c.get(f"/v1/sessions/{session_id}").json()["usage"]
+        stored = "".join(json.loads(e["data"])["choices"][0]["delta"].get("reasoning_content", "")
+                         for e in events if e["data"] != "[DONE]"
+                         and json.loads(e["data"])["choices"])
+        assert shown == stored
+        # The picture reached the model: a 96x96 image is a few dozen prompt tokens.
+        text_only = post_usage(vl, "What color is this?")
+        assert usage["prompt_tokens"] > text_only["prompt_tokens"] + 4
+        assert errors == []
+    finally:
+        page.screenshot(path=str(tmp_path / "playground-vision.png"))
+        context.close()
+
+
+def post_usage(srv, text: str) -> dict:
+    with httpx.Client(base_url=srv.url, timeout=60) as c:
+        return c.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": text}], "max_tokens": 1}).json()["usage"]
