@@ -58,9 +58,11 @@ access_log = logging.getLogger("resumable.access")
 
 
 class RequestIdFilter(logging.Filter):
-    """Puts the current request's id on every record written while that request runs."""
+    """Puts the current request's id on every record written while that request runs (and
+    drops uvicorn's `color_message`, the message again with terminal colour codes)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        record.__dict__.pop("color_message", None)
         if getattr(record, "request_id", None) is None:
             request_id = REQUEST_ID.get()
             if request_id is not None:

@@ -17,7 +17,8 @@ import httpx
 import openai
 import pytest
 
-from conftest import Server, content_of, finish_reason_of, read_events
+from conftest import (Server, answer, ask_in_page, assert_each_event_once, content_of,
+                      finish_reason_of, read_events, wait_for_text)
 
 STORY = [{"role": "user", "content": "Write a long story about a dragon."}]
 GREEDY = {"messages": STORY, "temperature": 0, "max_tokens": 120, "ignore_eos": True,
@@ -168,6 +169,30 @@ def test_kill_9_mid_stream_continues_the_generation(srv):
     pool.shutdown()
     assert again.output_text == text and len(text) > 200
     assert final.usage.output_tokens == again.usage.output_tokens == 80
+
+
+def test_the_playground_streams_on_through_a_kill_9(srv, browser, tmp_path):
+    """The browser page mid-answer, the server killed and started again: the page shows
+    "reconnecting", its EventSource finds the restarted server, and the answer ends whole
+    (the continued generation's events after the ones it had), each event once."""
+    context = browser.new_context(bypass_csp=True)  # see tests/test_playground.py
+    page = context.new_page()
+    try:
+        page.goto(srv.url + "/")
+        page.wait_for_function("document.getElementById('model').textContent.startsWith('Smol')")
+        ask_in_page(page, "Write a long story about a dragon.", 120)
+        wait_for_text(page, 40)
+        srv.kill()
+        page.wait_for_selector("#state[data-state=reconnecting]", timeout=30_000)
+        srv.start()
+        page.wait_for_selector("#state[data-state=done]", timeout=90_000)
+        session_id, text, finish = answer(page)
+        assert finish == "length"
+        assert_each_event_once(page)
+        assert text == content_of(replay(srv.url, session_id)) and len(text) > 300
+    finally:
+        page.screenshot(path=str(tmp_path / "playground-kill-9.png"))
+        context.close()
 
 
 def test_graceful_stop_hands_over_and_the_setting_turns_it_off(srv):
