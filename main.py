@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
@@ -340,7 +341,11 @@ def cli(argv: list[str] | None = None) -> None:
         os.environ["TRUST_REMOTE_CODE"] = "true"
     # uvicorn's import of `main` finds settings.py already imported (by this __main__), so
     # the flags reach it only through the one settings instance, read again here.
-    reload_settings()
+    try:
+        reload_settings()
+    except ValidationError as e:
+        parser.error("; ".join(f"{'.'.join(map(str, err['loc'])).upper()}: {err['msg']}"
+                               for err in e.errors()))
     uvicorn.run("main:app", host=args.host, port=args.port, root_path=args.root_path,
                 log_level=settings.log_level.lower())
 

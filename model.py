@@ -8,6 +8,7 @@ state, which the lifespan turns into exit status 1). Nothing here knows HTTP or 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import logging
 import ntpath
@@ -146,11 +147,19 @@ def template_variables(*templates: Any) -> frozenset[str]:
 
 def gguf_cache_dir(directory: str, gguf: str) -> str:
     """Where the converted copy of a GGUF file lives: `$XDG_CACHE_HOME/resumable/<file>-<size>-
-    <mtime>` (~/.cache when unset), keyed so that a changed file is converted again."""
-    st = os.stat(os.path.join(directory, gguf))
+    <hash>` (~/.cache when unset). The hash is SHA-256 of the file's first and last MiB: a
+    changed file is converted again, and the same file installed twice (two virtual
+    environments, a new container on the same volume) shares one copy."""
+    path = os.path.join(directory, gguf)
+    size = os.path.getsize(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(size - (1 << 20), 0))
+        digest.update(f.read(1 << 20))
     root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
                         "resumable")
-    return os.path.join(root, f"{gguf}-{st.st_size}-{st.st_mtime_ns}")
+    return os.path.join(root, f"{gguf}-{size}-{digest.hexdigest()[:16]}")
 
 
 def gguf_metadata(directory: str, gguf: str) -> tuple[Any, Any]:
@@ -158,9 +167,8 @@ def gguf_metadata(directory: str, gguf: str) -> tuple[Any, Any]:
 
     transformers parses the whole GGUF (its 49k-token vocabulary included) for each of config,
     tokenizer and weights: ~5 s each on a 2-core CPU, most of a server start. The config and
-    tokenizer are saved once in Hugging Face format in `gguf_cache_dir` (copies of older
-    files of the same name are removed then); a cache that cannot be written is skipped
-    (logged).
+    tokenizer are saved once in Hugging Face format in `gguf_cache_dir`; a cache that cannot
+    be written is skipped (logged).
     """
     cached = gguf_cache_dir(directory, gguf)
     root = os.path.dirname(cached)
@@ -180,10 +188,6 @@ def gguf_metadata(directory: str, gguf: str) -> tuple[Any, Any]:
             os.replace(tmp, cached)  # atomic; a concurrent start may have won: keep theirs
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
-        # A reinstalled package has a new mtime: its old copy (weights too) is garbage now.
-        for name in os.listdir(root):
-            if name.startswith(gguf + "-") and os.path.join(root, name) != cached:
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     except OSError as e:
         log.info("could not cache the GGUF metadata under %s (%s); next start parses it again",
                  root, e)
@@ -197,11 +201,13 @@ def cache_gguf_weights(model: Any, cached: str) -> None:
     """Save the dequantized float32 weights of a model loaded from a GGUF into its cache dir
     (`model.safetensors`, ~540 MB for SmolLM2-135M), so later starts load them directly
     instead of parsing and dequantizing the GGUF (~12 s of a 2-core CPU start -> ~1 s).
-    Only float32 weights are saved: they are the dequantized values exactly; a bfloat16 copy
-    would make a later float32 start differ. Failures are logged and skipped."""
-    if model.dtype != torch.float32 or not os.path.isdir(cached):
-        return
+    Failures (a full disk, a read-only cache) are logged and skipped: the cache is optional."""
     try:
+        # A start killed while writing leaves its temporary file; an hour-old one is garbage.
+        for name in os.listdir(cached):
+            path = os.path.join(cached, name)
+            if name.startswith(".weights-") and time.time() - os.path.getmtime(path) > 3600:
+                os.remove(path)
         # safetensors' own writer: transformers' save_pretrained refuses a model that came
         # from a GGUF ("quantized with gguf"), though its weights are plain tensors by now.
         # Tied tensors (lm_head = embed_tokens) are written once and tied again at load.
@@ -214,9 +220,34 @@ def cache_gguf_weights(model: Any, cached: str) -> None:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-    except OSError as e:
-        log.info("could not cache the converted GGUF weights in %s (%s); next start converts "
-                 "them again", cached, e)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type too
+        log.info("could not cache the converted GGUF weights in %s (%s: %s); next start "
+                 "converts them again", cached, type(e).__name__, e)
+
+
+def load_embedded_weights(model_cls: Any, config: Any, cached: str) -> Any:
+    """The embedded model in float32 on the CPU: from the converted copy in `cached` when
+    there is a readable one, else from the GGUF (which is then cached). Float32 is what the
+    GGUF dequantizes to, so the copy is exact whatever dtype the server then runs in."""
+    copy = os.path.join(cached, GGUF_WEIGHTS)
+    if os.path.isfile(copy):
+        try:
+            return model_cls.from_pretrained(cached, config=config, dtype=torch.float32)
+        except Exception as e:  # noqa: BLE001 - a damaged copy: convert the GGUF again
+            log.warning("ignoring the converted GGUF weights in %s: %s", cached, e)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(copy)
+    # The conversion draws a tqdm bar straight on stderr (transformers' disable_progress_bar
+    # does not reach it); with JSON logs every stderr line must be JSON. redirect_stderr is
+    # process-wide, but our log handler holds the real stderr, so records still get out.
+    with contextlib.ExitStack() as stack:
+        if settings.log_format == "json":
+            stack.enter_context(contextlib.redirect_stderr(
+                stack.enter_context(open(os.devnull, "w"))))
+        model = model_cls.from_pretrained(embedded_model_dir(), config=config,
+                                          gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+    cache_gguf_weights(model, cached)
+    return model
 
 
 def load_model(handle: ModelHandle) -> None:
@@ -231,45 +262,28 @@ def load_model(handle: ModelHandle) -> None:
         common: dict[str, Any] = {"trust_remote_code": settings.trust_remote_code}
         if settings.hf_token:
             common["token"] = settings.hf_token
-        tokenizer, cached = None, None
+        tokenizer = None
         if settings.model_repo_id:
-            source, gguf = settings.model_repo_id, None
+            source = settings.model_repo_id
             config = AutoConfig.from_pretrained(source, **common)
         else:
-            directory = embedded_model_dir()
-            config, tokenizer = gguf_metadata(directory, EMBEDDED_GGUF)
-            cached = gguf_cache_dir(directory, EMBEDDED_GGUF)
-            if os.path.isfile(os.path.join(cached, GGUF_WEIGHTS)):
-                source, gguf = cached, None  # weights converted by an earlier start
-            else:
-                source, gguf = directory, EMBEDDED_GGUF
-                common["gguf_file"] = gguf
+            source = embedded_model_dir()
+            config, tokenizer = gguf_metadata(source, EMBEDDED_GGUF)
         vision = type(config) in AutoModelForImageTextToText._model_mapping
         model_cls = AutoModelForImageTextToText if vision else AutoModelForCausalLM
-        load_kwargs: dict[str, Any] = {"dtype": resolve_dtype(settings.torch_dtype)}
-        if settings.device_map:
-            load_kwargs["device_map"] = settings.device_map
-        # The GGUF conversion draws a tqdm bar straight on stderr (transformers' own
-        # disable_progress_bar does not reach it); with JSON logs every stderr line is JSON.
-        # Our log handler holds the real stderr, so records still get out meanwhile.
-        with (contextlib.redirect_stderr(open(os.devnull, "w")) if gguf and
-              settings.log_format == "json" else contextlib.nullcontext()):
-            try:
-                model = model_cls.from_pretrained(source, config=config, **common,
-                                                  **load_kwargs)
-            except Exception as e:  # noqa: BLE001 - a damaged converted copy: use the GGUF
-                if source != cached:
-                    raise
-                log.warning("ignoring the converted GGUF weights in %s: %s", cached, e)
-                os.remove(os.path.join(cached, GGUF_WEIGHTS))
-                source, gguf = embedded_model_dir(), EMBEDDED_GGUF
-                common["gguf_file"] = gguf
-                model = model_cls.from_pretrained(source, config=config, **common,
-                                                  **load_kwargs)
-        if gguf:
-            cache_gguf_weights(model, cached)
-        if not settings.device_map:
-            model.to("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = resolve_dtype(settings.torch_dtype)
+        if settings.model_repo_id:
+            load_kwargs: dict[str, Any] = {"dtype": dtype}
+            if settings.device_map:
+                load_kwargs["device_map"] = settings.device_map
+            model = model_cls.from_pretrained(source, config=config, **common, **load_kwargs)
+            if not settings.device_map:
+                model.to("cuda" if torch.cuda.is_available() else "cpu")
+        else:  # 135M parameters: one device, whatever DEVICE_MAP says beyond cpu/cuda[:n]
+            device = (settings.device_map if settings.device_map not in ("", "auto")
+                      else "cuda" if torch.cuda.is_available() else "cpu")
+            model = load_embedded_weights(model_cls, config, gguf_cache_dir(
+                source, EMBEDDED_GGUF)).to(device=device, dtype=dtype)
         model.eval()
         if vision:
             handle.processor = AutoProcessor.from_pretrained(source, **common)

@@ -14,6 +14,7 @@ the access record has method, path (no query string), status, latency, session i
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import re
@@ -153,14 +154,18 @@ class AccessLogMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
-        except BaseException:
-            info["status"] = info["status"] or 500
+        except BaseException as e:
+            # Cancelled: the server is stopping or the client left, not a server error.
+            info["status"] = info["status"] or (499 if isinstance(e, asyncio.CancelledError)
+                                                else 500)
             raise
         finally:
             ttfb = info["ttfb"]
+            # As sent (still percent-encoded): a decoded %0A would start a new log line.
+            path = scope.get("raw_path", scope["path"].encode()).decode("latin-1")
             access_log.log(
-                self.level, "%s %s %s", scope["method"], scope["path"], info["status"] or 499,
-                extra={"method": scope["method"], "path": scope["path"],
+                self.level, "%s %s %s", scope["method"], path, info["status"] or 499,
+                extra={"method": scope["method"], "path": path,
                        "status": info["status"] or 499, "session_id": info["session_id"],
                        "latency_ms": round((time.perf_counter() - started) * 1000, 1),
                        "ttfb_ms": None if ttfb is None else round(ttfb * 1000, 1),

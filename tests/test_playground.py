@@ -98,6 +98,43 @@ def test_cancel_stops_the_generation(page, server):
     assert text == stored_answer(server, session_id)
 
 
+def test_new_chat_mid_stream_leaves_the_old_stream_behind(page, proxy, server):
+    """New chat while an answer streams and its connection is cut: nothing of the old
+    session (events, reconnects, its end) reaches the next conversation."""
+    ask_in_page(page, "Write a long story about a dragon.", 200)
+    wait_for_text(page, 10)
+    proxy.cut()  # the old turn is now resuming
+    page.click("#new-chat")
+    ask_in_page(page, "Say hello.", 8)
+    page.wait_for_selector("#state[data-state=done]", timeout=60_000)
+    page.wait_for_timeout(1500)  # room for a stray callback of the old turn to misbehave
+    assert page.locator(".msg.assistant").count() == 1
+    session_id, text, finish = answer(page)
+    assert text == stored_answer(server, session_id) and finish in ("stop", "length")
+    assert page.get_attribute("#state", "data-state") == "done"
+    seen = page.evaluate("window.playground.seen")
+    assert seen[-1].startswith(session_id + ":")
+
+
+def test_the_page_runs_under_its_own_content_security_policy(browser, proxy):
+    """The other tests bypass the CSP (playwright's wait conditions are strings it refuses);
+    here it is on, and the page still streams an answer without one violation."""
+    context = browser.new_context()
+    pg = context.new_page()
+    violations: list[str] = []
+    pg.on("console", lambda m: violations.append(m.text)
+          if "Content Security Policy" in m.text else None)
+    try:
+        pg.goto(proxy.url + "/")
+        pg.wait_for_selector("#model:has-text('SmolLM2')")
+        ask_in_page(pg, "Say hello.", 8)
+        pg.wait_for_selector("#state[data-state=done]", timeout=60_000)
+        assert pg.text_content(".msg.assistant .content")
+        assert violations == []
+    finally:
+        context.close()
+
+
 # --- without a browser: the page itself, logs, metrics ----------------------------------------
 
 
