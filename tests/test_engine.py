@@ -206,14 +206,18 @@ def test_converted_gguf_weights_load_as_the_gguf_does(tmp_path, monkeypatch, cap
     cached = Path(model.gguf_cache_dir(directory, model.EMBEDDED_GGUF))
     gguf_metadata(directory, model.EMBEDDED_GGUF)
     (cached / model.GGUF_WEIGHTS).write_bytes(b"not safetensors")
+    conversions = []
+    real_cache = model.cache_gguf_weights  # called after each conversion of the GGUF
+    monkeypatch.setattr(model, "cache_gguf_weights",
+                        lambda *a: (conversions.append(1), real_cache(*a)))
     from_gguf = ModelHandle(name="a")
     load_model(from_gguf)  # the damaged copy is refused, the GGUF converted
     assert from_gguf.state == "ready", from_gguf.error
-    assert "ignoring the converted GGUF weights" in caplog.text
+    assert "ignoring the converted GGUF weights" in caplog.text and conversions == [1]
     assert (cached / model.GGUF_WEIGHTS).stat().st_size > 100_000_000
     from_copy = ModelHandle(name="b")
     load_model(from_copy)
-    assert from_copy.state == "ready" and from_copy.load_seconds < from_gguf.load_seconds
+    assert from_copy.state == "ready" and conversions == [1]  # the copy, not the GGUF
     expected = from_gguf.model.state_dict()
     loaded = from_copy.model.state_dict()
     assert expected.keys() == loaded.keys()
