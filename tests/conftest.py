@@ -195,7 +195,11 @@ CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or \
 
 class CuttableProxy:
     """127.0.0.1:<port> -> target, one thread pair per connection. `cut()` resets every open
-    connection (both sides) and counts them; new connections keep being accepted."""
+    connection (both sides) and counts them; new connections keep being accepted.
+
+    `stall_after(n)`: the server's bytes reach the client until n more have passed, then the
+    proxy holds the rest until the cut. A test then cuts a stream in its middle however fast
+    the model is (the generation itself goes on on the server)."""
 
     def __init__(self, target_port: int):
         self.target_port = target_port
@@ -204,7 +208,14 @@ class CuttableProxy:
         self.url = f"http://127.0.0.1:{self.port}"
         self.lock = threading.Lock()
         self.open: list[tuple[socket.socket, socket.socket]] = []
+        self.budget: int | None = None  # server->client bytes still let through, if armed
+        self.released = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def stall_after(self, n_bytes: int) -> None:
+        with self.lock:
+            self.budget = n_bytes
+            self.released.clear()
 
     def _accept(self) -> None:
         while True:
@@ -215,14 +226,23 @@ class CuttableProxy:
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             with self.lock:
                 self.open.append((client, upstream))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, from_server: bool) -> None:
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
+                if from_server:
+                    with self.lock:
+                        allowed = len(data) if self.budget is None else min(self.budget, len(data))
+                        if self.budget is not None:
+                            self.budget -= allowed
+                    dst.sendall(data[:allowed])
+                    if allowed < len(data):
+                        self.released.wait()  # held until the cut, which drops it
+                        return
+                else:
+                    dst.sendall(data)
         except OSError:
             pass
         for s in (src, dst):
@@ -232,11 +252,11 @@ class CuttableProxy:
                 pass
 
     def cut(self) -> int:
-        """Reset every open connection (SO_LINGER 0: an RST, not a polite FIN). shutdown()
-        first: a close() alone does not wake the pump thread blocked in recv() on it, and the
-        connection would live on."""
+        """Reset every open connection (SO_LINGER 0: an RST, not a polite FIN), and disarm
+        `stall_after`. shutdown() first: a close() alone does not wake the pump thread blocked
+        in recv() on it, and the connection would live on."""
         with self.lock:
-            pairs, self.open = self.open, []
+            pairs, self.open, self.budget = self.open, [], None
         n = 0
         for pair in pairs:
             live = False
@@ -249,6 +269,7 @@ class CuttableProxy:
                     pass  # already shut down: by its own end, or by the pump of the other side
                 s.close()
             n += live
+        self.released.set()
         return n
 
     def close(self) -> None:

@@ -61,6 +61,7 @@ def stored_answer(server, session_id: str) -> str:
 
 
 def test_a_stream_cut_mid_way_ends_with_the_whole_answer_once(page, proxy, server):
+    proxy.stall_after(6000)  # a few events reach the page, then the stream stalls
     ask_in_page(page, "Write a long story about a dragon.", 80)
     wait_for_text(page, 20)
     assert proxy.cut() >= 1  # the POST's connection, mid-stream
@@ -73,10 +74,12 @@ def test_a_stream_cut_mid_way_ends_with_the_whole_answer_once(page, proxy, serve
     assert page.text_content("#speed").startswith("80 tokens")
 
 
-def test_a_reload_mid_stream_picks_the_session_up_again(page, server):
+def test_a_reload_mid_stream_picks_the_session_up_again(page, proxy, server):
+    proxy.stall_after(6000)  # mid-answer whatever the model's speed ...
     ask_in_page(page, "Tell me about the history of Rome.", 80)
     wait_for_text(page, 20)
     url_session = page.evaluate("new URLSearchParams(location.search).get('session')")
+    proxy.cut()  # ... and let the reload's own requests through
     page.reload()
     page.wait_for_selector("#state[data-state=done]", timeout=90_000)
     session_id, text, finish = answer(page)
@@ -101,6 +104,7 @@ def test_cancel_stops_the_generation(page, server):
 def test_new_chat_mid_stream_leaves_the_old_stream_behind(page, proxy, server):
     """New chat while an answer streams and its connection is cut: nothing of the old
     session (events, reconnects, its end) reaches the next conversation."""
+    proxy.stall_after(6000)
     ask_in_page(page, "Write a long story about a dragon.", 200)
     wait_for_text(page, 10)
     proxy.cut()  # the old turn is now resuming

@@ -137,6 +137,7 @@ def test_the_playground_asks_for_the_key_and_resumes_with_it(srv, browser, tmp_p
         page.fill("#key", KEY_A)
         page.dispatch_event("#key", "change")
         page.wait_for_function("document.getElementById('model').textContent.startsWith('Smol')")
+        proxy.stall_after(6000)
         ask_in_page(page, "Write a long story about a dragon.", 60)
         wait_for_text(page, 20)
         assert proxy.cut() >= 1
