@@ -54,13 +54,19 @@ INTER_TOKEN_LATENCY = Histogram("resumable_inter_token_latency_seconds",
 
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id",
                                                                         default=None)
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# `request_tag` is " [<request id>]" inside a request, else empty (RequestIdFilter).
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(request_tag)s: %(message)s"
 access_log = logging.getLogger("resumable.access")
 
 
 class RequestIdFilter(logging.Filter):
-    """Puts the current request's id on every record written while that request runs (and
-    drops uvicorn's `color_message`, the message again with terminal colour codes)."""
+    """Puts the current request's id on every record written while that request runs, as
+    `request_id` (a JSON field) and `request_tag` (the text format's " [id]"), and drops
+    uvicorn's `color_message` (the message again with terminal colour codes)."""
+
+    def __init__(self, tag: bool):
+        super().__init__()
+        self.tag = tag  # text logs: set request_tag (JSON logs would print it as a field)
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.__dict__.pop("color_message", None)
@@ -68,6 +74,9 @@ class RequestIdFilter(logging.Filter):
             request_id = REQUEST_ID.get()
             if request_id is not None:
                 record.request_id = request_id
+        if self.tag:
+            request_id = getattr(record, "request_id", None)
+            record.request_tag = f" [{request_id}]" if request_id else ""
         return True
 
 
@@ -105,7 +114,7 @@ def configure_logging(level: str, log_format: str = "text") -> None:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
         # uvicorn's access line says the same in text mode; ours is there with LOG_LEVEL=debug.
         AccessLogMiddleware.level = logging.DEBUG
-    handler.addFilter(RequestIdFilter())
+    handler.addFilter(RequestIdFilter(tag=log_format != "json"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 

@@ -50,3 +50,31 @@ def test_a_500_names_its_request_id_and_hides_the_exception(app, caplog):
     assert access[-1].status == 500 and access[-1].request_id == "req-500"
     failed = [x for x in caplog.records if x.name == "resumable" and x.exc_info]
     assert failed and "req-500" in failed[-1].getMessage()
+
+
+def test_text_and_json_lines_carry_the_request_id():
+    import io
+    import json
+
+    import telemetry
+    for log_format in ("text", "json"):
+        stream = io.StringIO()
+        telemetry.configure_logging("info", log_format)
+        logging.getLogger().handlers[0].setStream(stream)
+        log = logging.getLogger("resumable.test")
+        log.info("outside any request")
+        token = telemetry.REQUEST_ID.set("req-77")
+        try:
+            log.info("inside one")
+        finally:
+            telemetry.REQUEST_ID.reset(token)
+        outside, inside = stream.getvalue().splitlines()
+        if log_format == "text":
+            assert inside.endswith("resumable.test [req-77]: inside one")
+            assert outside.endswith("resumable.test: outside any request")
+        else:
+            assert json.loads(inside)["request_id"] == "req-77"
+            assert "request_id" not in json.loads(outside)
+            assert "request_tag" not in json.loads(inside)
+    telemetry.configure_logging("info", "text")
+    logging.captureWarnings(False)  # json mode turned it on for the whole process
