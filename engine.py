@@ -1,10 +1,10 @@
 """The engine: one thread owns the model and decodes every running sequence together.
 
-Continuous batching over the model's own forward pass and a padded `DynamicCache`: each step
-(1) admits waiting jobs while the cache budget allows (prefill, batch 1, cancellable per
-layer), (2) runs one decode forward for all running rows, (3) samples each row with its own
-`RowSampler`, (4) retires finished, stopped and cancelled rows at once (their cache rows are
-dropped). A job joins at the next step, not when the batch ends. The same loop serves text and
+Continuous batching over the model's own forward pass and a padded `DynamicCache`
+(kv_cache.py): each step (1) admits waiting jobs while the cache budget allows (prefill,
+batch 1, cancellable per layer), (2) runs one decode forward for all running rows, (3)
+samples each row with its own `RowSampler`, (4) retires finished, stopped and cancelled rows
+at once (their cache rows are dropped). A job joins at the next step, not when the batch ends. The same loop serves text and
 vision-language models (Qwen-VL's M-RoPE positions are carried per row), because it only needs
 `model(input_ids, attention_mask, position_ids, cache)`.
 
@@ -24,9 +24,9 @@ from typing import Any, Protocol
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from decoding import TextPipeline, ToolCallParser, ToolFormat, token_piece
+from kv_cache import BatchCache
 from model import ModelHandle
 from sampling import RowSampler, SamplingParams, row_seed
 from telemetry import (COMPLETION_TOKENS, GENERATIONS_STARTED, INTER_TOKEN_LATENCY,
@@ -159,96 +159,6 @@ class JobState:
     reasoning_tokens: int = 0
     reasons: dict[int, str] = field(default_factory=dict)
     first_token_seen: bool = False
-
-
-# ---------------------------------------------------------------------------------------------
-# The padded batch cache
-# ---------------------------------------------------------------------------------------------
-
-
-class BatchCache:
-    """The running rows' KV cache: one `DynamicCache`, rows left-padded to a common length.
-
-    `mask` (rows, columns) marks real cache entries with 1. A prefilled job's cache (its rows,
-    its own length) is merged by padding whichever side is shorter on the left; retired rows are
-    dropped by index and leading columns that are padding in every row are trimmed.
-    """
-
-    def __init__(self):
-        self.cache: DynamicCache | None = None
-        self.mask: torch.Tensor | None = None
-
-    @property
-    def columns(self) -> int:
-        return 0 if self.mask is None else int(self.mask.shape[1])
-
-    @staticmethod
-    def _layers(cache: DynamicCache) -> list[DynamicLayer]:
-        return list(cache.layers)
-
-    @staticmethod
-    def batchable(cache: DynamicCache) -> bool:
-        """Only plain full-attention layers can be padded and merged (sliding windows cannot)."""
-        return all(type(layer) is DynamicLayer for layer in cache.layers)
-
-    def merge(self, cache: DynamicCache, rows: int, length: int) -> None:
-        """Append `rows` rows whose cache (batch `rows`, `length` columns) is `cache`."""
-        new_mask = torch.ones(rows, length, dtype=torch.long, device=self._device(cache))
-        if self.cache is None:
-            self.cache, self.mask = cache, new_mask
-            return
-        width = max(self.columns, length)
-        # All new tensors first, then swap in: a failure (out of memory) leaves the batch as it was.
-        merged = [(torch.cat([_pad_left(old.keys, width, 2), _pad_left(new.keys, width, 2)]),
-                   torch.cat([_pad_left(old.values, width, 2), _pad_left(new.values, width, 2)]))
-                  for old, new in zip(self._layers(self.cache), self._layers(cache))]
-        mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(new_mask, width, 1)])
-        for layer, (keys, values) in zip(self._layers(self.cache), merged):
-            layer.keys, layer.values = keys, values
-        self.mask = mask
-
-    def keep(self, indices: list[int]) -> None:
-        """Keep only the rows at `indices` (in that order); free the rest."""
-        if not indices:
-            self.cache, self.mask = None, None
-            return
-        idx = torch.tensor(indices, device=self.mask.device)
-        self.mask = self.mask[idx]
-        live = torch.nonzero(self.mask.sum(0)).flatten()
-        start = int(live[0]) if len(live) else 0
-        self.mask = self.mask[:, start:]
-        for layer in self._layers(self.cache):
-            layer.keys = layer.keys[idx.to(layer.keys.device), :, start:]
-            layer.values = layer.values[idx.to(layer.values.device), :, start:]
-
-    def truncate(self, columns: int) -> None:
-        """Undo a partial step: cut every layer back to `columns` (a failed forward may have
-        appended to some layers)."""
-        for layer in self._layers(self.cache):
-            if layer.is_initialized and layer.keys.shape[2] > columns:
-                layer.keys = layer.keys[:, :, :columns]
-                layer.values = layer.values[:, :, :columns]
-
-    def tokens(self) -> int:
-        """Cache entries in use, padding included (what memory holds)."""
-        mask = self.mask  # read once: the engine thread may drop it meanwhile
-        return 0 if mask is None else int(mask.numel())
-
-    @staticmethod
-    def _device(cache: DynamicCache) -> torch.device:
-        for layer in cache.layers:
-            if layer.is_initialized:
-                return layer.keys.device
-        return torch.device("cpu")
-
-
-def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - t.shape[dim]
-    if missing <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import torch
 from transformers import DynamicCache
 
 from decoding import token_piece
-from engine import BatchCache, Engine, GenerationJob, Resume
+from engine import Engine, GenerationJob, Resume
+from kv_cache import BatchCache
 import model
 from model import ModelHandle, embedded_model_dir, gguf_metadata, load_model, served_model_name
 from sampling import SamplingParams
