@@ -1,6 +1,7 @@
 """Fixtures: real `uvicorn main:app` processes on 127.0.0.1, the embedded SmolLM2, temp SQLite.
 
-Starting a server loads the model (about 20 s on a 2-core CPU), so one default-configured
+Starting a server loads the model (about 6 s on a 2-core CPU once its converted copy is
+cached, 20 s the first time), so one default-configured
 server is shared by the whole run (`server`); modules that need other settings start their own.
 """
 
@@ -83,7 +84,7 @@ class Server:
 
 
 # The default-configured server is shared by every module that uses it (each server start
-# loads the model: ~17 s of a 2-core CI run). It logs JSON (LOG_FORMAT=json), so the whole
+# loads the model: ~6 s of a 2-core CI run, more the first time). It logs JSON (LOG_FORMAT=json), so the whole
 # suite's traffic goes through the JSON formatter; tests/test_playground.py reads it.
 _shared: list[Server] = []
 
