@@ -81,10 +81,15 @@ class Resume:
     tokens: dict[int, list[int]] = field(default_factory=dict)
     seeds: dict[int, int] = field(default_factory=dict)
     done: dict[int, tuple[str, int, int]] = field(default_factory=dict)
+    # In front of an upstream (no token ids): the (channel, text) parts delivered and the
+    # tokens counted, per choice index.
+    parts: dict[int, list[tuple[str, str]]] = field(default_factory=dict)
+    counted: dict[int, int] = field(default_factory=dict)
 
     def completion_tokens(self) -> dict[int, int]:
         """Tokens generated before the crash, per choice index."""
         counts = {c: len(t) for c, t in self.tokens.items()}
+        counts.update({c: max(n, counts.get(c, 0)) for c, n in self.counted.items()})
         counts.update({c: d[1] for c, d in self.done.items()})
         return counts
 
@@ -109,6 +114,10 @@ class GenerationJob:
     tools: tuple[ToolFormat, frozenset[str], int | None] | None = None
     resume: Resume | None = None  # a generation continued after a crash
     submitted_at: float = field(default_factory=time.monotonic)
+    # In front of an upstream server (upstream.py): the request to send ({"path", "body"})
+    # instead of `inputs`, and the future that says whether the upstream accepted it.
+    upstream: dict[str, Any] | None = None
+    opened: Any = None
 
     @property
     def prompts(self) -> list[dict[str, torch.Tensor]]:
@@ -116,7 +125,8 @@ class GenerationJob:
 
     @property
     def prompt_tokens(self) -> int:
-        return sum(int(p["input_ids"].shape[-1]) for p in self.prompts)
+        """Prompt tokens (0 before an upstream has said how many)."""
+        return sum(int(p["input_ids"].shape[-1]) for p in self.prompts if "input_ids" in p)
 
     @property
     def rows(self) -> int:

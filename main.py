@@ -44,6 +44,7 @@ from store import EventsGone, SessionStore, StoreLocked, StoreOpenError
 from store_sqlite import session_store
 from telemetry import (KV_CACHE_USAGE, QUEUE_DEPTH, REQUEST_ID, RUNNING_SEQUENCES,
                        WAITING_SEQUENCES, AccessLogMiddleware, configure_logging)
+from upstream import Upstream, UpstreamEngine
 
 configure_logging(settings.log_level, settings.log_format)
 log = logging.getLogger("resumable")
@@ -79,6 +80,30 @@ def build_store() -> SessionStore:
                          lock_timeout_seconds=settings.sessions_db_lock_timeout_seconds)
 
 
+async def connect_upstream(handle: ModelHandle, upstream: Upstream,
+                           attempts: int | None = None) -> None:
+    """Ask the upstream for its model until it answers (every 2 s; `attempts` None: for
+    ever): until then requests answer 503 `upstream_unavailable` with the reason, as while a
+    local model loads; a model name comes from it unless SERVED_MODEL_NAME or UPSTREAM_MODEL
+    gives one."""
+    while attempts is None or attempts > 0:
+        try:
+            await upstream.connect(handle)
+            handle.error = None
+            log.info("serving %s from the upstream at %s (context %s tokens)", handle.name,
+                     upstream.url, handle.context_length)
+            return
+        except APIError as e:
+            if handle.error != e.message:
+                log.warning("upstream not ready: %s", e.message)
+            handle.error = e.message
+        if attempts is not None:
+            attempts -= 1
+            if attempts == 0:
+                return
+        await asyncio.sleep(2.0)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     handle = ModelHandle(name=served_model_name())
@@ -90,8 +115,18 @@ async def lifespan(app: FastAPI):
         # Raised out of the lifespan, uvicorn logs "Application startup failed" and exits 3.
         log.error("%s", e)
         raise
-    engine = Engine(handle, settings.max_queued_requests, settings.max_num_seqs,
-                    settings.max_batch_tokens)
+    upstream = None
+    if settings.upstream_url:
+        # In front of another server: it generates; sessions, resume and cancel stay here.
+        upstream = handle.upstream = Upstream(
+            settings.upstream_url, settings.upstream_api_key, settings.upstream_model,
+            settings.upstream_connect_timeout_seconds, settings.upstream_read_timeout_seconds)
+        await connect_upstream(handle, upstream, attempts=1)  # its model name, if it is up
+        engine = UpstreamEngine(upstream, asyncio.get_running_loop(),
+                                settings.max_queued_requests, settings.max_num_seqs)
+    else:
+        engine = Engine(handle, settings.max_queued_requests, settings.max_num_seqs,
+                        settings.max_batch_tokens)
     QUEUE_DEPTH.set_function(lambda: len(engine.waiting))
     RUNNING_SEQUENCES.set_function(lambda: engine.stats()["running"])
     WAITING_SEQUENCES.set_function(lambda: engine.stats()["waiting"])
@@ -116,7 +151,11 @@ async def lifespan(app: FastAPI):
         else:
             exit_after_model_failure(app, handle)
 
-    threading.Thread(target=load, name="model-loader", daemon=True).start()
+    if upstream is None:
+        threading.Thread(target=load, name="model-loader", daemon=True).start()
+        connecting = None
+    else:
+        connecting = asyncio.create_task(connect_upstream(handle, upstream))
     sweeper = asyncio.create_task(sweep_loop(rt))
     try:
         yield
@@ -125,6 +164,8 @@ async def lifespan(app: FastAPI):
         # (aiosqlite's thread) and the database lock alive.
         sweeper.cancel()
         continuing.cancel()
+        if connecting is not None:
+            connecting.cancel()
         rt.unshare()
         try:
             # With a durable log, running generations are left to the next start to continue
@@ -136,6 +177,8 @@ async def lifespan(app: FastAPI):
         finally:
             try:
                 await asyncio.to_thread(engine.stop)
+                if upstream is not None:
+                    await upstream.aclose()
             finally:
                 await store.close()
         if app.state.exit_code:

@@ -78,6 +78,9 @@ class ModelHandle:
     template_variables: frozenset[str] = frozenset()
     # Characters the longest token spells: prompts longer than context * this cannot fit.
     max_token_chars: int = 1
+    # UPSTREAM_URL: the OpenAI-compatible server that generates for this name
+    # (upstream.Upstream); then there is no local model, tokenizer or processor.
+    upstream: Any = None
 
 
 def served_model_name() -> str:
@@ -85,6 +88,8 @@ def served_model_name() -> str:
     would tell every client where the server keeps its files)."""
     if settings.served_model_name:
         return settings.served_model_name
+    if settings.upstream_url:
+        return settings.upstream_model  # empty: the upstream's, once it answers
     source = settings.model_repo_id.rstrip("/\\")
     if not source:
         return EMBEDDED_MODEL_NAME
@@ -329,5 +334,8 @@ def require_ready(handle: ModelHandle) -> None:
     if handle.state == "failed":
         raise APIError(503, f"model {handle.name} failed to load; the server is stopping",
                        code="model_load_failed")
+    if handle.upstream is not None:
+        raise APIError(503, f"waiting for the upstream server: {handle.error or 'connecting'}",
+                       code="upstream_unavailable", headers={"Retry-After": "5"})
     raise APIError(503, f"model {handle.name} is still loading; retry shortly",
                    code="model_loading", headers={"Retry-After": "5"})

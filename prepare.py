@@ -25,6 +25,7 @@ from sampling import SamplingParams
 from schemas import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest,
                      OpenAISampling, ResponsesRequest, Sampling, prompt_count, unsupported)
 from settings import settings
+from upstream import chat_body, completion_body, response_chat_body
 
 log = logging.getLogger("resumable.prepare")
 
@@ -96,6 +97,15 @@ def refuse_unsupported(req: ChatCompletionRequest) -> None:
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed when stream is true",
                        param="stream_options")
+    if req.continue_final_message:
+        # vLLM's checks (ChatCompletionRequest.check_generation_prompt), and the last message
+        # must be the assistant's to continue.
+        if req.add_generation_prompt:
+            raise APIError(400, "cannot set both continue_final_message and "
+                                "add_generation_prompt to true", param="continue_final_message")
+        if req.messages[-1].role != "assistant":
+            raise APIError(400, "continue_final_message needs an assistant message last",
+                           param="continue_final_message")
     for i, m in enumerate(req.messages):
         if m.role == "function":
             raise unsupported(f"messages[{i}].role", "'function' messages (the deprecated "
@@ -406,25 +416,29 @@ def check_prompt_chars(handle: ModelHandle, chars: int, param: str) -> None:
 
 
 def prepare_chat_inputs(handle: ModelHandle, messages: list[dict[str, Any]],
-                        template_kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+                        template_kwargs: dict[str, Any], add_generation_prompt: bool = True,
+                        continue_final_message: bool = False) -> dict[str, torch.Tensor]:
     """Fetch media, apply the chat template, tokenize; runs in a worker thread and never
-    touches the model.
+    touches the model. `continue_final_message`: the last (assistant) message is left open
+    for the model to continue (vLLM's fields of these names).
 
     Returns the processor's/tokenizer's tensors: `input_ids` (1, prompt_tokens) and, with
     media, `pixel_values`, `image_grid_thw`, `pixel_values_videos`, `video_grid_thw`.
     Raises APIError 400/413 for bad media or a template that fails on these messages.
     """
+    turn = {"add_generation_prompt": add_generation_prompt,
+            "continue_final_message": continue_final_message}
     try:
         if handle.processor is None:
             # Rendered, then tokenized with fixed arguments: what apply_chat_template(tokenize=
             # True) does, with no way for a request to reach the tokenizer's arguments.
             prompt = handle.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False, **template_kwargs)
+                messages, tokenize=False, **turn, **template_kwargs)
             encoded = handle.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
         else:
             images, videos = load_media(handle, messages)
             prompt = handle.processor.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False, **template_kwargs)
+                messages, tokenize=False, **turn, **template_kwargs)
             extra: dict[str, Any] = {}
             if videos:
                 # Frames are already sampled (PyAV); the metadata gives their real times,
@@ -533,6 +547,9 @@ class Prepared:
     # `stored` with its inline media, when redaction took some out: kept while the session
     # runs so that a crash does not lose what the prompt is made of (Session.inputs).
     unredacted: dict[str, Any] | None = None
+    # In front of an upstream (UPSTREAM_URL): the request to send it, {"path", "body"}; then
+    # `inputs` is empty and `params` holds only n and seed.
+    upstream: dict[str, Any] | None = None
 
 
 def with_media(p: Prepared, unredacted: dict[str, Any]) -> Prepared:
@@ -553,13 +570,18 @@ async def prepare_chat(body: ChatCompletionRequest, handle: ModelHandle,
     """Chat completions: messages (and tools) through the chat template (media fetched and
     decoded in a worker thread, like all tokenizing); `response_format` or a forced tool call
     as a grammar. `raw` is the body as dumped, stored media-redacted."""
+    if handle.upstream is not None:
+        return with_media(upstream_prepared(body, body.n or 1, redact_media(raw), "/chat/completions",
+                                            chat_body(raw, handle.upstream.model,
+                                                      settings.max_tokens)), raw)
     spec = tool_spec(body.tools, body.tool_choice, body.parallel_tool_calls, flat=False)
     messages = chat_messages(body.messages, handle)
     check_prompt_chars(handle, message_chars(messages) + tool_chars(spec, messages), "messages")
     rules = await constraints(handle, spec, body.response_format, "response_format", flat=False)
     messages, tool_kwargs = with_tools(handle, messages, spec, rules.format)
     kwargs = {**template_kwargs(handle, body.chat_template_kwargs or {}), **tool_kwargs}
-    inputs = await asyncio.to_thread(prepare_chat_inputs, handle, messages, kwargs)
+    inputs = await asyncio.to_thread(prepare_chat_inputs, handle, messages, kwargs,
+                                     body.add_generation_prompt, body.continue_final_message)
     return with_media(prepared(handle, body, inputs, redact_media(raw), rules), raw)
 
 
@@ -578,6 +600,8 @@ async def prepare_completion(body: CompletionRequest, handle: ModelHandle,
     """Legacy completions: the raw prompts (text or token ids), no chat template; with `echo`
     the prompt texts are stored for the formatter (`_echo_texts`). The completion budget is
     fitted to the longest prompt."""
+    if handle.upstream is not None:
+        return upstream_completion(body, handle, raw)
     prompts = await asyncio.to_thread(prompts_ids, handle, body.prompt)
     inputs = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids, _ in prompts]
     params = sampling_params(body, handle, max(int(ids.shape[-1]) for ids, _ in prompts))
@@ -595,6 +619,11 @@ async def prepare_response(body: ResponsesRequest, handle: ModelHandle, raw: dic
     messages = item_messages(history + items)
     if body.instructions:
         messages.insert(0, ChatMessage(role="system", content=body.instructions))
+    if handle.upstream is not None:
+        unredacted = {**raw, "_input_items": items, "_conversation": history + items}
+        request = response_chat_body(raw, messages, handle.upstream.model, settings.max_tokens)
+        return with_media(upstream_prepared(body, 1, redact_media(unredacted),
+                                            "/chat/completions", request), unredacted)
     kwargs = dict(body.chat_template_kwargs or {})
     if (body.reasoning or {}).get("effort") == "none":
         kwargs.setdefault("enable_thinking", False)
@@ -611,6 +640,37 @@ async def prepare_response(body: ResponsesRequest, handle: ModelHandle, raw: dic
     unredacted = {**raw, "_input_items": items, "_conversation": history + items}
     return with_media(prepared(handle, body, inputs, redact_media(unredacted), rules),
                       unredacted)
+
+
+# ---------------------------------------------------------------------------------------------
+# In front of an upstream: the body passed on, nothing tokenized here
+# ---------------------------------------------------------------------------------------------
+
+
+def upstream_prepared(body: Any, choices: int, stored: dict[str, Any], path: str,
+                      request: dict[str, Any]) -> Prepared:
+    """The Prepared of a request an upstream generates (UPSTREAM_URL): `request` is the body
+    sent to the upstream's `path`; `choices` the choices it makes (n x prompts). The upstream
+    validates what only it can (context length, tools, schemas) and its 400 reaches the
+    client (upstream.upstream_error)."""
+    params = SamplingParams(max_new_tokens=0, temperature=0.0, n=choices, seed=body.seed)
+    return Prepared({}, params, stored, upstream={"path": path, "body": request})
+
+
+def upstream_completion(body: CompletionRequest, handle: ModelHandle,
+                        raw: dict[str, Any]) -> Prepared:
+    """Legacy completions in front of an upstream; `echo` is ours (from the prompt texts),
+    so it needs text prompts."""
+    stored = raw
+    if body.echo:
+        prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
+        if not all(isinstance(p, str) for p in prompts):
+            raise APIError(400, "echo needs text prompts in front of an upstream server (token "
+                                "ids cannot be turned back into text here)", param="echo")
+        stored = {**raw, "_echo_texts": prompts}
+    return upstream_prepared(body, prompt_count(body.prompt) * (body.n or 1), stored,
+                             "/completions",
+                             completion_body(raw, handle.upstream.model, settings.max_tokens))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -292,7 +292,15 @@ async def run_session(request: Request, body, kind: str, prepare,
         raise APIError(503, f"session storage is failing, so no generation can start: "
                             f"{storage_reason(rt, str(e))}",
                        code="storage_unavailable", headers={"Retry-After": "5"}) from e
-    rt.start(s, prepared)
+    job = rt.start(s, prepared)
+    if job.opened is not None:
+        # In front of an upstream: its refusal (a field it rejects: 400; it is down: 503) is
+        # this request's answer, and the session it would have been is dropped.
+        try:
+            await asyncio.shield(job.opened)
+        except APIError:
+            await rt.discard(s)
+            raise
     return await respond(rt, s, body.stream, -1, request)
 
 
@@ -302,12 +310,15 @@ async def run_session(request: Request, body, kind: str, prepare,
 
 
 async def list_models(request: Request):
+    """The served model (in front of an upstream: the upstream's, once it has answered)."""
     handle: ModelHandle = request.app.state.model
-    return {"object": "list", "data": [model_object(handle, request.app.state.started)]}
+    data = [model_object(handle, request.app.state.started)] if handle.name else []
+    return {"object": "list", "data": data}
 
 
 def model_object(handle: ModelHandle, created: float) -> dict[str, Any]:
-    return {"id": handle.name, "object": "model", "created": int(created), "owned_by": "resumable",
+    return {"id": handle.name, "object": "model", "created": int(created),
+            "owned_by": "upstream" if handle.upstream is not None else "resumable",
             "input_modalities": list(handle.input_modalities),
             "supported_apis": ["chat_completions", "completions", "responses"],
             "context_length": handle.context_length, "state": handle.state}
@@ -508,9 +519,14 @@ async def health(request: Request):
 
 
 async def ready(request: Request):
+    """Readiness: 200 once the model is loaded (in front of an upstream: while the upstream
+    answers its /models, checked at most once a second) and session writes work; else 503
+    with the reason."""
     handle: ModelHandle = request.app.state.model
     require_ready(handle)
     require_storage(runtime_of(request))
+    if handle.upstream is not None:
+        await handle.upstream.check()
     return {"status": "ready", "model": handle.name}
 
 

@@ -44,8 +44,11 @@ class SessionSink:
     together."""
 
     def __init__(self, runtime: "Runtime", s: Session, prompt_tokens: int,
-                 resume: Resume | None = None):
+                 resume: Resume | None = None, keep_text: bool = False):
         self.runtime, self.s, self.live = runtime, s, runtime.live[s.id]
+        # In front of an upstream there are no token ids: the meta keeps the parts and the
+        # count instead, which is what a continuation there needs (upstream.continuation).
+        self.keep_text = keep_text
         self.prompt_tokens = prompt_tokens
         # per choice index
         self.completion_tokens = resume.completion_tokens() if resume is not None else {}
@@ -117,8 +120,10 @@ class SessionSink:
                logprobs: list[dict[str, Any]] | None, tokens: list[int], seed: int) -> None:
         self.completion_tokens[index] = completion_tokens
         if self._open():
-            self._append(index, self._text_events(index, parts, logprobs),
-                         {"c": index, "t": tokens, "s": seed})
+            meta: dict[str, Any] = {"c": index, "t": tokens, "s": seed}
+            if self.keep_text:
+                meta.update(x=parts, g=completion_tokens)
+            self._append(index, self._text_events(index, parts, logprobs), meta)
 
     def _choice_finished(self, index: int, reason: str, parts: list[tuple[str, str]],
                          completion_tokens: int, reasoning_tokens: int,
@@ -127,8 +132,11 @@ class SessionSink:
         if self._open():
             events = (self._text_events(index, parts, logprobs)
                       + self.live.formatter.choice_finish(index, reason))
-            self._append(index, events, {"c": index, "t": tokens, "f": reason,
-                                         "n": completion_tokens, "r": reasoning_tokens})
+            meta = {"c": index, "t": tokens, "f": reason, "n": completion_tokens,
+                    "r": reasoning_tokens}
+            if self.keep_text:
+                meta["x"] = parts
+            self._append(index, events, meta)
 
     def _finished(self, reason: str, usage: dict[str, int]) -> None:
         if not self.closed:
@@ -189,22 +197,27 @@ class Runtime:
         self.append_all(s, live.formatter.created())
         return s
 
-    def start(self, s: Session, prepared: Prepared, resume: Resume | None = None) -> None:
+    def start(self, s: Session, prepared: Prepared, resume: Resume | None = None
+              ) -> GenerationJob:
         """Queue the session's generation: inputs as `prepare` made them (`input_ids`
-        (1, prompt_tokens), vision tensors; `more_inputs` for further prompts), sampling, the
-        reasoning split and tool calls to parse, and where a crashed run stood (`resume`);
-        arm the disconnect timer (no client may ever attach)."""
+        (1, prompt_tokens), vision tensors; `more_inputs` for further prompts; or the request
+        for an upstream), sampling, the reasoning split and tool calls to parse, and where a
+        crashed run stood (`resume`); arm the disconnect timer (no client may ever attach).
+        Returns the job (an upstream's sets `job.opened`)."""
         live = self.live[s.id]
         job = GenerationJob(s.id, live.cancel, prepared.inputs, prepared.params, None,
                             prepared.starts_in_reasoning, list(prepared.more_inputs),
-                            prepared.tools, resume)
-        job.sink = self.sinks[s.id] = SessionSink(self, s, job.prompt_tokens, resume)
+                            prepared.tools, resume, upstream=prepared.upstream)
+        job.sink = self.sinks[s.id] = SessionSink(self, s, job.prompt_tokens, resume,
+                                                  keep_text=prepared.upstream is not None)
         self.engine.submit(job)
         live.last_detached_at = time.monotonic()
         self.arm_disconnect_timer(s)
+        return job
 
     async def discard(self, s: Session) -> None:
         """Drop a session that never started (its request was answered with an error)."""
+        self.sinks.pop(s.id, None)
         self.live.pop(s.id, None)
         await self.store.delete(s.id)
 
@@ -408,6 +421,10 @@ class Progress:
                     r.seeds[c] = int(m["s"])
                 if "p" in m:
                     prompt_tokens = int(m["p"])
+                if "g" in m:
+                    r.counted[c] = max(r.counted.get(c, 0), int(m["g"]))
+                if m.get("x"):
+                    r.parts.setdefault(c, []).extend((str(a), str(b)) for a, b in m["x"])
             except (ValueError, KeyError, TypeError):
                 log.warning("event %d has unreadable meta %r; ignored", ev.index, ev.meta[:80])
                 continue
@@ -429,7 +446,7 @@ def why_not_continue(s: Session, model_name: str, now: float) -> str | None:
         return "CONTINUE_AFTER_RESTART is off"
     if now - s.created > settings.continue_max_age_seconds:
         return f"it is older than CONTINUE_MAX_AGE_SECONDS={settings.continue_max_age_seconds:g}"
-    if s.model != model_name:
+    if model_name and s.model != model_name:  # (an upstream not yet asked has no name)
         return f"it ran on model {s.model!r}, not {model_name!r}"
     return None
 

@@ -156,6 +156,10 @@ class ChatCompletionRequest(OpenAISampling):
 
     # vLLM: keyword arguments for the chat template (e.g. {"enable_thinking": false}).
     chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM: continue_final_message=true (with add_generation_prompt=false) renders the last
+    # message, an assistant's, open-ended, so the model continues it ("prefill").
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

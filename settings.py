@@ -35,6 +35,18 @@ class Settings(BaseSettings):
     # "auto": bfloat16 on a CUDA device that supports it, float32 otherwise.
     torch_dtype: str = "auto"
 
+    # --- in front of another server ----------------------------------------------------------
+    # An OpenAI-compatible server's base URL (llama.cpp's llama-server, vLLM, SGLang, Ollama:
+    # http://127.0.0.1:8080/v1): it generates, this server keeps the resumable sessions. No
+    # local model is loaded then.
+    upstream_url: str = ""
+    upstream_api_key: str = ""
+    # The upstream's model to use; empty: the first its /v1/models lists.
+    upstream_model: str = ""
+    upstream_connect_timeout_seconds: float = Field(5.0, gt=0)
+    # Longest wait between two reads of an upstream stream (a long prompt's prefill is one).
+    upstream_read_timeout_seconds: float = Field(300.0, gt=0)
+
     # --- generation defaults (a request's own fields win) ------------------------------------
     max_tokens: int = Field(1024, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)

@@ -90,6 +90,8 @@ def configure_logging(level: str, log_format: str = "text") -> None:
     log is replaced by `resumable.access` (it has no request id, session id or latency).
     """
     handler = logging.StreamHandler(sys.stderr)
+    # httpx logs every request at INFO: one line per upstream call or media fetch is noise.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     if log_format == "json":
         from pythonjsonlogger.json import JsonFormatter
         handler.setFormatter(JsonFormatter(

@@ -46,7 +46,8 @@ class Server:
                     "LOG_LEVEL": "info", **env}
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 180) -> "Server":
+    def start(self, timeout: float = 180, until: str = "/ready") -> "Server":
+        """Start it and wait until GET `until` answers 200."""
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1",
@@ -57,7 +58,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited:\n{self.log_path.read_text()[-3000:]}")
             try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                if httpx.get(self.url + until, timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
