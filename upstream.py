@@ -362,6 +362,9 @@ class StreamState:
     # The upstream's own session (X-Session-Id), when it is a resumable server too: closing
     # the connection does not stop it there (that is its point), so a cancel is sent.
     session_id: str | None = None
+    # A continuation's prefill: an upstream that does not know continue_final_message
+    # (llama.cpp before it learned the field) sends it back first, glued to the first token.
+    echo: str = ""
 
     def completion_tokens(self) -> int:
         if self.usage and self.usage.get("completion_tokens") is not None:
@@ -385,6 +388,12 @@ def read_chunk(job: GenerationJob, state: StreamState, chunk: dict[str, Any]) ->
         if index in state.reasons:
             continue
         parts, entries = chat_parts(choice), logprob_entries(choice)
+        if state.echo and parts:
+            channel, text = parts[0]
+            if channel == "content" and text.startswith(state.echo):
+                parts[0] = (channel, text[len(state.echo):])
+                parts = [p for p in parts if p[1]]
+            state.echo = ""
         if parts or entries:
             state.generated[index] = (state.generated.get(index, 0)
                                       + (len(entries) if entries else 1))
@@ -489,6 +498,9 @@ class UpstreamEngine:
         cancel the stream task is cancelled, which closes the upstream connection."""
         resumed = job.resume.completion_tokens() if job.resume is not None else {}
         state = StreamState(dict(resumed), {}, before=sum(resumed.values()))
+        messages = job.upstream["body"].get("messages") or []
+        if job.resume is not None and job.upstream["body"].get("continue_final_message"):
+            state.echo = messages[-1]["content"]
         stream = asyncio.ensure_future(self._stream(job, state))
         while not stream.done():
             if job.cancel.is_set():

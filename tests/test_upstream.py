@@ -303,3 +303,21 @@ def test_chunks_become_engine_parts():
     assert legacy == [{"token": "a", "logprob": -1.0, "bytes": None, "top_logprobs": [
         {"token": "a", "logprob": -1.0, "bytes": None},
         {"token": "b", "logprob": -2.0, "bytes": None}]}]
+
+
+def test_a_prefill_sent_back_by_the_upstream_is_not_repeated():
+    from engine import GenerationJob
+    from upstream import StreamState, read_chunk
+
+    class Sink:
+        def __init__(self):
+            self.calls = []
+
+        def delta(self, index, parts, *rest):
+            self.calls.append(parts)
+
+    job = GenerationJob("j", None, {}, type("P", (), {"seed": None})(), Sink())
+    state = StreamState({}, {}, echo="Once upon")
+    read_chunk(job, state, {"choices": [{"index": 0, "delta": {"content": "Once upon a"}}]})
+    read_chunk(job, state, {"choices": [{"index": 0, "delta": {"content": "Once upon"}}]})
+    assert job.sink.calls == [[("content", " a")], [("content", "Once upon")]]
