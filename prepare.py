@@ -79,10 +79,13 @@ def body_digest(body: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def refuse_unsupported(req: ChatCompletionRequest) -> None:
-    """400 naming the first known chat field or value this server cannot honour (yet)."""
+def refuse_unsupported(req: ChatCompletionRequest, upstream: bool = False) -> None:
+    """400 naming the first known chat field or value this server cannot honour (yet). In
+    front of an `upstream`, `reasoning_effort` is its to honour or refuse (vLLM takes it)."""
     check_rows("n", req.n or 1)
-    for name in ("functions", "prediction", "web_search_options", "audio", "reasoning_effort"):
+    names = ("functions", "prediction", "web_search_options", "audio") + (
+        () if upstream else ("reasoning_effort",))
+    for name in names:
         # Present is a request for the feature ({} turns web search on); an empty tool list
         # asks for nothing.
         if getattr(req, name) is not None and getattr(req, name) != []:

@@ -346,8 +346,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     Same `session_id` and same body attaches to the existing session; a different body is 409.
     `Last-Event-ID` (header or `?last_event_id=`) resumes after that event.
     """
-    refuse_unsupported(body)
     handle: ModelHandle = request.app.state.model
+    refuse_unsupported(body, upstream=handle.upstream is not None)
     return await run_session(request, body, ChatFormatter.kind,
                              lambda raw: prepare_chat(body, handle, raw), resume_id)
 

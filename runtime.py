@@ -49,6 +49,7 @@ class SessionSink:
         # In front of an upstream there are no token ids: the meta keeps the parts and the
         # count instead, which is what a continuation there needs (upstream.continuation).
         self.keep_text = keep_text
+        self.on_loop = keep_text  # upstream jobs run as tasks on the loop (upstream.py)
         self.prompt_tokens = prompt_tokens
         # per choice index
         self.completion_tokens = resume.completion_tokens() if resume is not None else {}
@@ -58,6 +59,9 @@ class SessionSink:
         self.admitted = False  # the engine took the job (until then a cancel ends it here)
 
     def _call(self, fn, *args) -> None:
+        if self.on_loop:
+            fn(*args)  # an upstream job calls from the loop itself: no wake-up needed
+            return
         try:
             self.runtime.loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:

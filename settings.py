@@ -108,7 +108,8 @@ class Settings(BaseSettings):
     # --- admission ---------------------------------------------------------------------------
     max_queued_requests: int = Field(64, ge=1)  # waiting jobs; one more is 429
     # The running batch: sequences decoded together (a request with n=4 is 4), and the cache
-    # entries the padded batch may grow to. A job waits until both have room.
+    # entries the padded batch may grow to. A job waits until both have room. In front of an
+    # upstream, max_num_seqs is the number of requests sent to it at once.
     max_num_seqs: int = Field(16, ge=1)
     max_batch_tokens: int = Field(65536, ge=16)
     max_request_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)

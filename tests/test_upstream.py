@@ -162,6 +162,31 @@ def test_responses_background_and_previous_response_id_through_the_front(front):
     assert final.output_text and final.usage.output_tokens == 12
 
 
+def test_tool_calls_come_through_with_our_ids(front, server):
+    from test_tools import ASK, CHAT_TOOLS, RESPONSE_TOOLS
+    body = dict(model="m", messages=[{"role": "user", "content": ASK}], tools=CHAT_TOOLS,
+                tool_choice="required", temperature=0, max_tokens=60)
+    sdk = openai.OpenAI(base_url=front.url + "/v1", api_key="x", max_retries=0)
+    direct = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    ours = sdk.chat.completions.create(**body).choices[0]
+    theirs = direct.chat.completions.create(**body).choices[0].message.tool_calls[0]
+    assert ours.finish_reason == "tool_calls"
+    (call,) = ours.message.tool_calls
+    assert (call.function.name, call.function.arguments) == (theirs.function.name,
+                                                             theirs.function.arguments)
+    assert call.id != theirs.id and call.id.startswith("call_")  # ours: stable across resume
+    # a Responses tool turn and its follow-up by previous_response_id
+    first = sdk.responses.create(model="m", input=ASK, tools=RESPONSE_TOOLS,
+                                 tool_choice="required", temperature=0, max_output_tokens=60)
+    (fc,) = [o for o in first.output if o.type == "function_call"]
+    assert fc.name == "get_weather" and json.loads(fc.arguments)["city"]
+    second = sdk.responses.create(model="m", previous_response_id=first.id, tools=RESPONSE_TOOLS,
+                                  temperature=0, max_output_tokens=30, input=[
+                                      {"type": "function_call_output", "call_id": fc.call_id,
+                                       "output": "Sunny, 21 C every day."}])
+    assert second.output_text
+
+
 def test_sessions_run_concurrently_upstream(front, server):
     marker = uuid.uuid4().hex[:8]
 
