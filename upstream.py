@@ -518,13 +518,18 @@ class UpstreamEngine:
         try:
             stream.result()
         except APIError as e:
-            if not job.opened.done():
+            if not job.opened.done() and job.resume is None:
                 job.opened.set_exception(e)  # answered to the client; no session remains
-            else:
+            else:  # a continuation has no request waiting for it
                 job.sink.failed(e.message)
             return
         except UpstreamStreamError as e:
             job.sink.failed(f"the upstream failed: {e}")
+            return
+        except Exception:  # noqa: BLE001 - a bug here must end the session, not leave it hanging
+            log.exception("upstream stream of session %s failed", job.id)
+            job.sink.failed(f"generation failed in session {job.id}; the server log has the "
+                            f"details")
             return
         reasons = set(state.reasons.values())
         job.sink.finished(reasons.pop() if len(reasons) == 1 else "stop",
