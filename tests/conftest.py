@@ -157,6 +157,25 @@ def read_events(client: httpx.Client, method: str, url: str, limit: int | None =
     return r, events
 
 
+def kill_and_resume(srv: Server, body: dict, session_id: str,
+                    limit: int) -> tuple[list[dict], list[dict]]:
+    """Stream `body` as `session_id` from `srv`, read `limit` events, kill -9 the server,
+    start it again and resume after the last event read. Returns (events before the crash,
+    all events), after checking the ids run 0..N with no gap or repeat."""
+    with httpx.Client(base_url=srv.url, timeout=120) as http:
+        _, first = read_events(http, "POST", "/v1/chat/completions",
+                               json={**body, "session_id": session_id}, limit=limit)
+    srv.kill()
+    srv.start()
+    with httpx.Client(base_url=srv.url, timeout=120) as http:
+        r, rest = read_events(http, "GET", f"/v1/sessions/{session_id}/stream",
+                              headers={"Last-Event-ID": first[-1]["id"]})
+    assert r.status_code == 200, r.text
+    events = first + rest
+    assert [e["id"] for e in events] == [f"{session_id}:{i}" for i in range(len(events))]
+    return first, events
+
+
 def content_of(events: list[dict]) -> str:
     """Joined `delta.content` of chat chunk events."""
     out = []

@@ -18,7 +18,8 @@ import httpx
 import openai
 import pytest
 
-from conftest import Server, content_of, finish_reason_of, free_port, read_events
+from conftest import (Server, content_of, finish_reason_of, free_port, kill_and_resume,
+                      read_events)
 from model import EMBEDDED_GGUF, embedded_model_dir
 
 LLAMA_SERVER = os.environ.get("LLAMA_SERVER_PATH") or shutil.which("llama-server")
@@ -106,16 +107,7 @@ def test_kill_9_of_the_front_continues_by_assistant_prefill(llama, tmp_path):
     body, sid = story("k", 80), "llama-crash-" + uuid.uuid4().hex[:8]
     front2 = Server(tmp_path, UPSTREAM_URL=llama + "/v1").start()
     try:
-        with httpx.Client(base_url=front2.url, timeout=120) as http:
-            _, first = read_events(http, "POST", "/v1/chat/completions",
-                                   json={**body, "session_id": sid}, limit=25)
-        front2.kill()
-        front2.start()
-        with httpx.Client(base_url=front2.url, timeout=120) as http:
-            _, rest = read_events(http, "GET", f"/v1/sessions/{sid}/stream",
-                                  headers={"Last-Event-ID": first[-1]["id"]})
-        events = first + rest
-        assert [e["id"] for e in events] == [f"{sid}:{i}" for i in range(len(events))]
+        first, events = kill_and_resume(front2, body, sid, 25)
         assert finish_reason_of(events) == "length" and events[-1]["data"] == "[DONE]"
         text = content_of(events)
         assert text.startswith(content_of(first)) and len(text) > len(content_of(first))

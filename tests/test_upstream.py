@@ -19,10 +19,11 @@ import openai
 import pytest
 
 from conftest import (CuttableProxy, Server, content_of, finish_reason_of, free_port,
-                      read_events)
+                      kill_and_resume, read_events)
 from upstream import (chat_parts, continuation, logprob_entries, response_chat_body,
                       upstream_error)
 from schemas import ChatMessage
+
 
 # Greedy and long enough to act on mid-stream (about 2 s of the CPU upstream).
 def story(marker: str, max_tokens: int = 48) -> dict:
@@ -257,17 +258,7 @@ def test_kill_9_of_the_front_mid_stream_continues_upstream(server, tmp_path):
     front2 = Server(tmp_path, UPSTREAM_URL=server.url + "/v1").start()
     sid = "up-crash-" + marker
     try:
-        with httpx.Client(base_url=front2.url, timeout=120) as http:
-            _, first = read_events(http, "POST", "/v1/chat/completions",
-                                   json={**body, "session_id": sid}, limit=12)
-        front2.kill()
-        front2.start()
-        with httpx.Client(base_url=front2.url, timeout=120) as http:
-            r, rest = read_events(http, "GET", f"/v1/sessions/{sid}/stream",
-                                  headers={"Last-Event-ID": first[-1]["id"]})
-        assert r.status_code == 200
-        events = first + rest
-        assert [e["id"] for e in events] == [f"{sid}:{i}" for i in range(len(events))]
+        _, events = kill_and_resume(front2, body, sid, 12)
         assert events[-1]["data"] == "[DONE]" and finish_reason_of(events) == "length"
         assert content_of(events) == direct_text(server, body)
         # the continuation was one more upstream request, carrying the delivered text (the
