@@ -223,8 +223,8 @@ class Upstream:
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
         self.checked_at, self.down = 0.0, None  # last readiness check and its finding
 
-    async def models(self) -> list[dict[str, Any]]:
-        """The upstream's `GET /models` list. Raises APIError 503 when it is unreachable or
+    async def _listing(self) -> dict[str, Any]:
+        """The upstream's `GET /models` answer. Raises APIError 503 when it is unreachable or
         answers an error."""
         try:
             r = await self.client.get(f"{self.url}/models")
@@ -233,8 +233,16 @@ class Upstream:
         if r.status_code != 200:
             raise upstream_error(r.status_code, r.text)
         try:
-            return list(r.json()["data"])
-        except (ValueError, KeyError, TypeError) as e:
+            return dict(r.json())
+        except (ValueError, TypeError):
+            return {}
+
+    async def models(self) -> list[dict[str, Any]]:
+        """The upstream's model list (`data` of `GET /models`). Raises APIError 503 when it
+        is unreachable, answers an error or lists nothing readable."""
+        try:
+            return list((await self._listing())["data"])
+        except (KeyError, TypeError) as e:
             raise APIError(503, f"the upstream at {self.url} answered /models with no model list",
                            code="upstream_unavailable") from e
 
@@ -260,11 +268,16 @@ class Upstream:
         meta = entry.get("meta") or {}
         handle.context_length = (entry.get("context_length") or entry.get("max_model_len")
                                  or meta.get("n_ctx") or meta.get("n_ctx_train"))
-        modalities = entry.get("input_modalities")
-        if isinstance(modalities, list) and modalities:
-            handle.input_modalities = tuple(modalities)
-        else:  # unknown: image parts are passed on and the upstream says if it takes them
-            handle.input_modalities = ("text", "image")
+        modalities = entry.get("input_modalities")  # this server's own field
+        if not (isinstance(modalities, list) and modalities):
+            # llama.cpp lists Ollama-style `models` with capabilities ("multimodal" with a
+            # projector); others tell nothing. Image parts are passed on either way, and the
+            # upstream says whether it takes them.
+            listed = [m for m in (await self._listing()).get("models") or []
+                      if isinstance(m, dict) and self.model in (m.get("model"), m.get("name"))]
+            vision = any("multimodal" in (m.get("capabilities") or []) for m in listed)
+            modalities = ["text", "image"] if vision else ["text"]
+        handle.input_modalities = tuple(modalities)
         handle.state = "ready"
 
     async def check(self, max_age: float = 1.0) -> None:

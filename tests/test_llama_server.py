@@ -77,6 +77,7 @@ def busy_slots(llama: str) -> int:
 def test_models_name_the_file_not_its_path(front):
     [model] = httpx.get(front.url + "/v1/models").json()["data"]
     assert model["id"] == EMBEDDED_GGUF and model["context_length"] == 2048  # per slot
+    assert model["input_modalities"] == ["text"]  # no vision projector loaded
 
 
 def test_a_dropped_stream_resumes_exactly(front, llama):
