@@ -123,7 +123,8 @@ async def lifespan(app: FastAPI):
             settings.upstream_connect_timeout_seconds, settings.upstream_read_timeout_seconds)
         await connect_upstream(handle, upstream, attempts=1)  # its model name, if it is up
         engine = UpstreamEngine(upstream, asyncio.get_running_loop(),
-                                settings.max_queued_requests, settings.max_num_seqs)
+                                settings.max_queued_requests, settings.max_num_seqs,
+                                settings.upstream_retry_seconds)
     else:
         engine = Engine(handle, settings.max_queued_requests, settings.max_num_seqs,
                         settings.max_batch_tokens)
@@ -155,7 +156,8 @@ async def lifespan(app: FastAPI):
         threading.Thread(target=load, name="model-loader", daemon=True).start()
         connecting = None
     else:
-        connecting = asyncio.create_task(connect_upstream(handle, upstream))
+        connecting = (None if handle.state == "ready"  # (answered at the first try)
+                      else asyncio.create_task(connect_upstream(handle, upstream)))
     sweeper = asyncio.create_task(sweep_loop(rt))
     try:
         yield

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     upstream_connect_timeout_seconds: float = Field(5.0, gt=0)
     # Longest wait between two reads of an upstream stream (a long prompt's prefill is one).
     upstream_read_timeout_seconds: float = Field(300.0, gt=0)
+    # A stream the upstream breaks mid-way (it restarted, the network dropped) is continued
+    # where it broke, retried this long before the session fails; 0: fail at once.
+    upstream_retry_seconds: float = Field(30.0, ge=0)
 
     # --- generation defaults (a request's own fields win) ------------------------------------
     max_tokens: int = Field(1024, ge=1)

@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -320,6 +320,11 @@ class UpstreamStreamError(Exception):
     """The upstream sent an error inside its stream (llama.cpp does, after the headers)."""
 
 
+class UpstreamBroke(UpstreamStreamError):
+    """The connection broke, or the stream ended, before the generation did: the upstream
+    restarted, crashed or a network path dropped. Retried by continuation."""
+
+
 def chat_parts(choice: dict[str, Any]) -> list[tuple[str, str]]:
     """A chunk choice's output as (channel, text) parts, the local engine's shape: reasoning
     (`reasoning_content`, or `reasoning` as newer vLLM names it), content, and tool calls as
@@ -370,11 +375,15 @@ class StreamState:
 
     generated: dict[int, int]
     reasons: dict[int, str]
+    # (channel, text) parts delivered per choice, a crashed run's included: what a
+    # continuation sends back (`continuation`)
+    parts: dict[int, list[tuple[str, str]]] = field(default_factory=dict)
     usage: dict[str, Any] | None = None
-    before: int = 0  # tokens delivered before a crash (a continuation's usage counts after)
+    before: int = 0  # tokens delivered before this request (a continuation's usage counts after)
     # The upstream's own session (X-Session-Id), when it is a resumable server too: closing
     # the connection does not stop it there (that is its point), so a cancel is sent.
     session_id: str | None = None
+    opens: int = 0  # requests the upstream accepted (HTTP 200) for this job
     # A continuation's prefill: an upstream that does not know continue_final_message
     # (llama.cpp before it learned the field) sends it back first, glued to the first token.
     echo: str = ""
@@ -410,6 +419,7 @@ def read_chunk(job: GenerationJob, state: StreamState, chunk: dict[str, Any]) ->
         if parts or entries:
             state.generated[index] = (state.generated.get(index, 0)
                                       + (len(entries) if entries else 1))
+            state.parts.setdefault(index, []).extend(parts)
         reason = choice.get("finish_reason")
         if reason:
             state.reasons[index] = FINISH_REASONS.get(reason, "stop")
@@ -437,8 +447,9 @@ class UpstreamEngine:
     """
 
     def __init__(self, upstream: Upstream, loop: asyncio.AbstractEventLoop, max_queued: int,
-                 max_running: int):
+                 max_running: int, retry_seconds: float = 30.0):
         self.upstream, self.loop = upstream, loop
+        self.retry_seconds = retry_seconds
         self.max_queued = max_queued
         self.slots = asyncio.Semaphore(max_running)
         self.waiting: collections.deque[GenerationJob] = collections.deque()
@@ -475,8 +486,11 @@ class UpstreamEngine:
                     return  # cancelled while queued: the runtime ended it
                 self.running += 1
                 try:
-                    if job.resume is None or self._continue(job):
-                        await self._watch(job)
+                    await self._generate(job)
+                except Exception:  # noqa: BLE001 - a bug must end the session, not hang it
+                    log.exception("upstream generation of session %s failed", job.id)
+                    job.sink.failed(f"generation failed in session {job.id}; the server log "
+                                    f"has the details")
                 finally:
                     self.running -= 1
         finally:
@@ -485,36 +499,78 @@ class UpstreamEngine:
             if not job.opened.done():
                 job.opened.set_result(None)
 
-    @staticmethod
-    def _continue(job: GenerationJob) -> bool:
-        """Point a job cut by a crash at its continuation (False: it ended here instead)."""
+    async def _generate(self, job: GenerationJob) -> None:
+        """Run the job's request upstream to its end. A stream that breaks before the end
+        (the upstream restarted, a network path dropped) is continued where it broke, as a
+        crash of this server is (`continuation`), for up to `retry_seconds`; so is a job
+        that a crash cut (`job.resume`)."""
         resume = job.resume
-        counts = resume.completion_tokens()
-        if resume.done and len(resume.done) >= (job.params.n or 1):
-            # every choice had ended; only the job's own ending was lost
-            reasons = {d[0] for d in resume.done.values()}
-            job.sink.finished(reasons.pop() if len(reasons) == 1 else "stop", 0,
-                              sum(counts.values()),
-                              sum(d[2] for d in resume.done.values()))
-            return False
-        request = continuation(job.upstream, resume.parts, sum(counts.values()))
-        if request is None:
-            log.info("session %s cannot be continued upstream (several choices, reasoning or "
-                     "tool calls delivered): interrupted", job.id)
-            job.sink.finished("interrupted", 0, sum(counts.values()))
-            return False
-        job.upstream = request
-        return True
+        state = StreamState({}, {})
+        if resume is not None:
+            state.generated = dict(resume.completion_tokens())
+            state.parts = {c: list(p) for c, p in resume.parts.items()}
+            if resume.done and len(resume.done) >= (job.params.n or 1):
+                # every choice had ended; only the job's own ending was lost
+                reasons = {d[0] for d in resume.done.values()}
+                job.sink.finished(reasons.pop() if len(reasons) == 1 else "stop", 0,
+                                  state.completion_tokens(),
+                                  sum(d[2] for d in resume.done.values()))
+                return
+        deadline, pause, opens = None, 0.5, 0
+        while True:
+            request = job.upstream
+            if state.generated:  # something was delivered: go on from there
+                request = continuation(job.upstream, state.parts,
+                                       sum(state.generated.values()))
+                if request is None:
+                    log.info("session %s cannot be continued upstream (several choices, "
+                             "reasoning or tool calls delivered): interrupted", job.id)
+                    job.sink.finished("interrupted", 0, state.completion_tokens())
+                    return
+                if request["body"].get("continue_final_message"):
+                    state.echo = request["body"]["messages"][-1]["content"]
+            state.before, state.usage = sum(state.generated.values()), None
+            try:
+                if await self._watch(job, request, state):
+                    return
+            except (UpstreamBroke, APIError) as e:
+                # APIError here: the upstream answered a continuation with a refusal or is
+                # down (a first request's refusal went back to the client in _watch)
+                message = e.message if isinstance(e, APIError) else f"the upstream failed: {e}"
+                if state.opens != opens:  # it had answered again since: a new break
+                    deadline, pause, opens = None, 0.5, state.opens
+                deadline = deadline or time.monotonic() + self.retry_seconds
+                if (time.monotonic() + pause > deadline
+                        or (isinstance(e, APIError) and e.status != 503)):
+                    job.sink.failed(message)
+                    return
+                log.info("session %s: %s; continuing it in %.1f s", job.id, message, pause)
+                if await self._cancelled_within(job, pause, state):
+                    return
+                pause = min(pause * 2, 4.0)
+            except UpstreamStreamError as e:
+                job.sink.failed(f"the upstream failed: {e}")
+                return
 
-    async def _watch(self, job: GenerationJob) -> None:
-        """Stream the job and watch its cancel flag (a threading.Event the runtime sets): on
-        cancel the stream task is cancelled, which closes the upstream connection."""
-        resumed = job.resume.completion_tokens() if job.resume is not None else {}
-        state = StreamState(dict(resumed), {}, before=sum(resumed.values()))
-        messages = job.upstream["body"].get("messages") or []
-        if job.resume is not None and job.upstream["body"].get("continue_final_message"):
-            state.echo = messages[-1]["content"]
-        stream = asyncio.ensure_future(self._stream(job, state))
+    async def _cancelled_within(self, job: GenerationJob, seconds: float,
+                                state: StreamState) -> bool:
+        """Wait `seconds`; True (and the job ended cancelled) if it is cancelled meanwhile."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if job.cancel.is_set():
+                job.sink.finished("cancelled", self._prompt_tokens(state),
+                                  state.completion_tokens(), state.reasoning_tokens())
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    async def _watch(self, job: GenerationJob, request: dict[str, Any],
+                     state: StreamState) -> bool:
+        """Stream `request` and watch the job's cancel flag (a threading.Event the runtime
+        sets): on cancel the stream task is cancelled, which closes the upstream connection.
+        True once the job has ended; raises UpstreamBroke, or APIError from a request the
+        client is no longer waiting for, to have it continued."""
+        stream = asyncio.ensure_future(self._stream(job, request, state))
         while not stream.done():
             if job.cancel.is_set():
                 stream.cancel()
@@ -526,46 +582,42 @@ class UpstreamEngine:
                                   state.completion_tokens(), state.reasoning_tokens())
                 if state.session_id:
                     await self.upstream.cancel(state.session_id)
-                return
+                return True
             await asyncio.wait({stream}, timeout=0.05)
         try:
             stream.result()
         except APIError as e:
-            if not job.opened.done() and job.resume is None:
-                job.opened.set_exception(e)  # answered to the client; no session remains
-            else:  # a continuation has no request waiting for it
-                job.sink.failed(e.message)
-            return
-        except UpstreamStreamError as e:
-            job.sink.failed(f"the upstream failed: {e}")
-            return
-        except Exception:  # noqa: BLE001 - a bug here must end the session, not leave it hanging
-            log.exception("upstream stream of session %s failed", job.id)
-            job.sink.failed(f"generation failed in session {job.id}; the server log has the "
-                            f"details")
-            return
+            if job.opened.done() or job.resume is not None:
+                raise  # no request waits for this answer: continue, or fail, the session
+            job.opened.set_exception(e)  # answered to the client; no session remains
+            return True
         reasons = set(state.reasons.values())
         job.sink.finished(reasons.pop() if len(reasons) == 1 else "stop",
                           self._prompt_tokens(state), state.completion_tokens(),
                           state.reasoning_tokens())
+        return True
 
     @staticmethod
     def _prompt_tokens(state: StreamState) -> int:
         return int((state.usage or {}).get("prompt_tokens") or 0)
 
-    async def _stream(self, job: GenerationJob, state: StreamState) -> None:
-        """POST the job's request and read its event stream to the end ([DONE] or close).
-        Raises APIError for a refusal or an unreachable upstream, UpstreamStreamError for an
-        error sent inside the stream or a stream cut before its end."""
-        request, url = job.upstream, self.upstream.url
+    async def _stream(self, job: GenerationJob, request: dict[str, Any],
+                      state: StreamState) -> None:
+        """POST `request` and read its event stream to the end ([DONE] or close). Raises
+        APIError for a refusal or an unreachable upstream, UpstreamStreamError for an error
+        sent inside the stream, UpstreamBroke for a stream cut before its end."""
+        url, answered = self.upstream.url, False
         try:
             async with self.upstream.client.stream("POST", url + request["path"],
                                                    json=request["body"]) as r:
                 if r.status_code != 200:
                     await r.aread()
                     raise upstream_error(r.status_code, r.text, r.headers.get("retry-after"))
+                answered = True
                 state.session_id = r.headers.get("x-session-id")
-                job.opened.set_result(None)
+                state.opens += 1
+                if not job.opened.done():
+                    job.opened.set_result(None)
                 job.sink.started(0)
                 done = False
                 async for sse in EventSource(r).aiter_sse():
@@ -579,9 +631,9 @@ class UpstreamEngine:
                     except ValueError:
                         raise UpstreamStreamError(f"unreadable chunk {sse.data[:80]!r}") from None
                     read_chunk(job, state, chunk)
-                if not done and len(state.reasons) == 0:
-                    raise UpstreamStreamError("it closed the stream before the end")
+                if not done and len(state.reasons) < len(state.generated or {0: 0}):
+                    raise UpstreamBroke("it closed the stream before the end")
         except httpx.HTTPError as e:
-            if not job.opened.done():
-                raise unreachable(url, e) from e
-            raise UpstreamStreamError(f"the stream broke ({type(e).__name__})") from e
+            if not answered or not state.generated:
+                raise unreachable(url, e) from e  # (a 503 for a request still waiting)
+            raise UpstreamBroke(f"the stream broke ({type(e).__name__})") from e

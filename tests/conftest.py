@@ -294,6 +294,12 @@ class CuttableProxy:
         return n
 
     def close(self) -> None:
+        """Stop listening (new connections are refused) and cut the open ones. shutdown()
+        first: close() alone leaves a thread blocked in accept() with the port listening."""
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.listener.close()
         self.cut()
 

@@ -93,8 +93,8 @@ def test_seeded_sampling_does_not_depend_on_neighbours(client):
 def test_per_request_sampling_holds_inside_a_batch(client, kw):
     alone = chat(client, PROMPTS[3], **kw)
     batched = together(lambda: chat(client, PROMPTS[3], **kw),
-                       lambda: chat(client, PROMPTS[0], temperature=1.0, max_tokens=30),
-                       lambda: chat(client, PROMPTS[1], max_tokens=30))
+                       lambda: chat(client, PROMPTS[0], temperature=1.0, max_tokens=16),
+                       lambda: chat(client, PROMPTS[1], max_tokens=16))
     assert batched[0] == alone
 
 
