@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import torch
@@ -135,6 +136,12 @@ class GenerationJob:
     @property
     def longest_prompt(self) -> int:
         return max(int(p["input_ids"].shape[-1]) for p in self.prompts)
+
+
+def job_finish_reason(reasons: Iterable[str]) -> str:
+    """A job's finish reason from its choices': theirs when they agree, else "stop"."""
+    distinct = set(reasons)
+    return distinct.pop() if len(distinct) == 1 else "stop"
 
 
 class GenerationCancelled(Exception):
@@ -611,8 +618,7 @@ class Engine:
         """All rows ended (reason None: each its own) or the job was cut (`reason`)."""
         job = state.job
         if reason is None:
-            reasons = set(state.reasons.values())
-            reason = reasons.pop() if len(reasons) == 1 else "stop"
+            reason = job_finish_reason(state.reasons.values())
         job.sink.finished(reason, job.prompt_tokens, state.completion_tokens,
                           state.reasoning_tokens)
 

@@ -30,6 +30,7 @@ import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import av
 import httpx
@@ -57,6 +58,17 @@ class MediaError(Exception):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
 
+
+
+def media_url(part: dict[str, Any]) -> Any:
+    """The URL of a media content part, whichever accepted shape it comes in (chat's
+    `image_url`/`video_url` objects or strings, Qwen's `image`/`video`, Responses'
+    `input_image`)."""
+    part_type = part.get("type")
+    value = part.get(part_type) if part_type in ("image_url", "video_url", "image", "video") else None
+    if value is None:
+        value = part.get("image_url") or part.get("url")
+    return value.get("url") if isinstance(value, dict) else value
 
 @dataclass(frozen=True)
 class MediaLimits:

@@ -19,7 +19,8 @@ from transformers.video_utils import VideoMetadata
 from constraints import (Constraints, constraints, template_tool_calls, tool_chars, tool_spec,
                          with_tools)
 from decoding import ToolFormat, prompt_opens_thinking
-from media import MediaError, MediaLimits, Video, decode_image, decode_video, load_bytes
+from media import (MediaError, MediaLimits, Video, decode_image, decode_video, load_bytes,
+                   media_url)
 from model import ModelHandle
 from sampling import SamplingParams
 from schemas import (APIError, ChatCompletionRequest, ChatMessage, CompletionRequest,
@@ -168,15 +169,6 @@ def refuse_unsupported_response(body: ResponsesRequest) -> None:
 # Content-part types that carry media: OpenAI's, vLLM's video_url, Qwen's own, Responses' input_image.
 MEDIA_PARTS = {"image_url": "image", "input_image": "image", "image": "image",
                "video_url": "video", "video": "video"}
-
-
-def media_url(part: dict[str, Any]) -> Any:
-    """The URL of a media content part, whichever accepted shape it comes in."""
-    part_type = part.get("type")
-    value = part.get(part_type) if part_type in ("image_url", "video_url", "image", "video") else None
-    if value is None:
-        value = part.get("image_url") or part.get("url")
-    return value.get("url") if isinstance(value, dict) else value
 
 
 def chat_messages(messages: list[ChatMessage], handle: ModelHandle) -> list[dict[str, Any]]:

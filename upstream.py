@@ -31,7 +31,8 @@ from typing import Any
 import httpx
 from httpx_sse import EventSource
 
-from engine import GenerationJob
+from engine import GenerationJob, job_finish_reason
+from media import media_url
 from model import ModelHandle
 from schemas import APIError, ChatMessage
 
@@ -79,9 +80,7 @@ def openai_part(part: dict[str, Any]) -> dict[str, Any]:
     if kind in ("input_text", "output_text", "text"):
         return {"type": "text", "text": part.get("text", "")}
     if kind == "input_image":
-        url = part.get("image_url") or part.get("url")
-        url = url.get("url") if isinstance(url, dict) else url
-        return {"type": "image_url", "image_url": {"url": url}}
+        return {"type": "image_url", "image_url": {"url": media_url(part)}}
     return part
 
 
@@ -511,8 +510,7 @@ class UpstreamEngine:
             state.parts = {c: list(p) for c, p in resume.parts.items()}
             if resume.done and len(resume.done) >= (job.params.n or 1):
                 # every choice had ended; only the job's own ending was lost
-                reasons = {d[0] for d in resume.done.values()}
-                job.sink.finished(reasons.pop() if len(reasons) == 1 else "stop", 0,
+                job.sink.finished(job_finish_reason(d[0] for d in resume.done.values()), 0,
                                   state.completion_tokens(),
                                   sum(d[2] for d in resume.done.values()))
                 return
@@ -591,8 +589,7 @@ class UpstreamEngine:
                 raise  # no request waits for this answer: continue, or fail, the session
             job.opened.set_exception(e)  # answered to the client; no session remains
             return True
-        reasons = set(state.reasons.values())
-        job.sink.finished(reasons.pop() if len(reasons) == 1 else "stop",
+        job.sink.finished(job_finish_reason(state.reasons.values()),
                           self._prompt_tokens(state), state.completion_tokens(),
                           state.reasoning_tokens())
         return True

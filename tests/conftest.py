@@ -157,6 +157,25 @@ def read_events(client: httpx.Client, method: str, url: str, limit: int | None =
     return r, events
 
 
+def wait_until(check, timeout: float = 20.0):
+    """`check()`'s first truthy value, polled every 0.1 s; AssertionError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"not true within {timeout} s: {check}")
+
+
+def answers(url: str) -> bool:
+    """Whether GET `url` answers 200 now."""
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def kill_and_resume(srv: Server, body: dict, session_id: str,
                     limit: int) -> tuple[list[dict], list[dict]]:
     """Stream `body` as `session_id` from `srv`, read `limit` events, kill -9 the server,

@@ -18,8 +18,8 @@ import httpx
 import openai
 import pytest
 
-from conftest import (Server, content_of, finish_reason_of, free_port, kill_and_resume,
-                      read_events)
+from conftest import (Server, answers, content_of, finish_reason_of, free_port,
+                      kill_and_resume, read_events, wait_until)
 from model import EMBEDDED_GGUF, embedded_model_dir
 
 LLAMA_SERVER = os.environ.get("LLAMA_SERVER_PATH") or shutil.which("llama-server")
@@ -36,14 +36,7 @@ def llama(tmp_path_factory):
                              "--host", "127.0.0.1", "--port", str(port), "-c", "4096", "-np", "2",
                              "--jinja"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+    wait_until(lambda: answers(url + "/health"), 60)
     yield url
     proc.terminate()
     proc.wait(10)

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from conftest import (CuttableProxy, Server, content_of, finish_reason_of, free_port,
-                      kill_and_resume, read_events)
+                      kill_and_resume, read_events, wait_until)
 from upstream import (chat_parts, continuation, logprob_entries, response_chat_body,
                       upstream_error)
 from schemas import ChatMessage
@@ -45,16 +45,6 @@ def upstream_sessions(server: Server, marker: str) -> list[tuple[str, str]]:
     with sqlite3.connect(server.env["SESSIONS_DB_PATH"]) as conn:
         return list(conn.execute("SELECT id, state FROM sessions WHERE request LIKE ?",
                                  (f"%{marker}%",)))
-
-
-def wait_until(check, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"not true within {timeout} s: {check}")
 
 
 def direct_text(server: Server, body: dict) -> str:
