@@ -27,7 +27,7 @@ import torch
 from transformers import DynamicCache
 
 from decoding import TextPipeline, ToolCallParser, ToolFormat, token_piece
-from kv_cache import BatchCache
+from kv_cache import BatchCache, StaticBatchCache
 from model import ModelHandle
 from sampling import RowSampler, SamplingParams, row_seed
 from telemetry import (COMPLETION_TOKENS, GENERATIONS_STARTED, INTER_TOKEN_LATENCY,
@@ -183,6 +183,18 @@ class JobState:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass
+class CompiledDecode:
+    """The compiled decode step's configuration (settings COMPILE_*, MAX_CACHE_LEN):
+    `max_cache_len` columns per row of the static cache, the `batch_sizes` compiled, and
+    `options` for `torch.compile` (None: the static cache runs eagerly, for tests)."""
+
+    max_cache_len: int = 4096
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    options: dict[str, Any] | None = None
+    cuda_only: bool = False  # COMPILE_DECODE=auto: eager on a CPU
+
+
 class Engine:
     """Owns the model on one thread and decodes all running sequences in one batch per step.
 
@@ -190,19 +202,29 @@ class Engine:
     and the padded cache can hold every row to its end (`max_batch_tokens`: rows x the widest
     row's final length, since rows are padded to a common width); `has_room()` is False once
     `max_queued` jobs wait (the HTTP layer answers 429).
+
+    With `compiled`, decode steps run compiled over a static cache (kv_cache.StaticBatchCache)
+    warmed up in `start()`; a job that does not fit it (prompt + max_tokens past
+    max_cache_len, more rows than its largest batch size) waits for the batch to drain and
+    runs eagerly, with whatever joins it, until the batch is empty again.
     """
 
     def __init__(self, handle: ModelHandle, max_queued: int, max_num_seqs: int = 16,
-                 max_batch_tokens: int = 262144):
+                 max_batch_tokens: int = 262144, compiled: CompiledDecode | None = None):
         self.handle = handle
         self.max_queued, self.max_num_seqs = max_queued, max_num_seqs
         self.max_batch_tokens = max_batch_tokens
+        self.compiled = compiled
         self.waiting: collections.deque[GenerationJob] = collections.deque()
         self.wake = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.rows: list[Row] = []
-        self.batch = BatchCache()
+        self.eager = BatchCache(self._forward)
+        self.static: StaticBatchCache | None = None
+        self.batch: BatchCache | StaticBatchCache = self.eager
+        self.warmed = threading.Event()
+        self.warm_up_seconds: float | None = None
         self.prefilling: GenerationJob | None = None
         self.token_text: dict[int, tuple[str, list[int]]] = {}
         # Set by start(), once the model is loaded.
@@ -220,7 +242,55 @@ class Engine:
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.keep_arg = "logits_to_keep" if "logits_to_keep" in params else None
         self._install_cancel_hooks()
+        self.static = self._static_cache()
         self.thread.start()
+        self.warmed.wait()  # the compile happens now, not in the first request
+
+    def _static_cache(self) -> StaticBatchCache | None:
+        """The compiled decode's cache, or None (not asked for, or this model cannot)."""
+        if self.compiled is None:
+            return None
+        model, c = self.handle.model, self.compiled
+        if c.cuda_only and model.device.type != "cuda":
+            return None
+        if not StaticBatchCache.supports(model.config):
+            log.warning("compiled decode off: %s has layers a static cache cannot hold",
+                        type(model).__name__)
+            return None
+        if len({p.device for p in model.parameters()}) > 1:
+            log.warning("compiled decode off: the model is split over devices")
+            return None
+        length = min(c.max_cache_len, self.handle.context_length or c.max_cache_len)
+        sizes = [s for s in c.batch_sizes if s <= self.max_num_seqs] or [1]
+        options = c.options
+        if options and model.device.type != "cuda" and options.get("mode") == "reduce-overhead":
+            options = {**options, "mode": None}  # CUDA graphs need CUDA
+        return StaticBatchCache(self._forward, model.config, length, sizes, model.dtype,
+                                model.device, options)
+
+    def _warm_up(self) -> None:
+        """Compile every batch size of the static cache (on this thread: CUDA graphs are
+        replayed by the thread that recorded them). A failure leaves the eager decode."""
+        try:
+            if self.static is not None:
+                self.warm_up_seconds = self.static.warm_up(self.mrope)
+                log.info("compiled decode ready: batch sizes %s, %d columns, %.1f s",
+                         self.static.batch_sizes, self.static.max_cache_len,
+                         self.warm_up_seconds)
+        except Exception:  # noqa: BLE001 - a compiler failure must not stop the server
+            log.exception("compiled decode failed to warm up; decoding eagerly")
+            self.static = None
+        finally:
+            self.warmed.set()
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor, cache: Any) -> torch.Tensor:
+        """The model's decode forward: logits (rows, 1, vocab) of the last position."""
+        kwargs = {self.cache_arg: cache}
+        if self.keep_arg:
+            kwargs[self.keep_arg] = 1
+        return self.handle.model(input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=position_ids, use_cache=True, **kwargs).logits
 
     def stop(self, timeout: float = 30.0) -> None:
         """Let the engine finish at a step boundary and wait for its thread (callers cancel the
@@ -278,6 +348,8 @@ class Engine:
             layer.register_forward_pre_hook(self._cancel_hook)
 
     def _cancel_hook(self, module, args) -> None:
+        if torch.compiler.is_compiling():  # decode steps only: prefill is never compiled
+            return
         job = self.prefilling
         if job is not None and job.cancel.is_set():
             raise GenerationCancelled()
@@ -288,6 +360,7 @@ class Engine:
         # One inference-mode scope for the thread: cache surgery and sampling outside the
         # forward pass then skip autograd bookkeeping too.
         with torch.inference_mode():
+            self._warm_up()
             while True:
                 job = self._next_job()
                 if job is None and self.stopping:
@@ -307,7 +380,8 @@ class Engine:
         jobs = list(dict.fromkeys(r.job for r in self.rows))
         log.exception("engine step failed outside the model; failing %d running jobs",
                       len(jobs))
-        self.rows, self.batch, self.prefilling = [], BatchCache(), None
+        self.rows, self.prefilling = [], None
+        self.batch.clear()
         if admitting is not None and all(s.job is not admitting for s in jobs):
             jobs.append(JobState(admitting))
         for state in jobs:
@@ -333,14 +407,27 @@ class Engine:
     def _room_for(self, job: GenerationJob) -> bool:
         if not self.rows:
             return True  # a job too large for the limits runs alone rather than never
+        remaining = max(job.params.max_new_tokens, *(
+            r.job.job.params.max_new_tokens - r.completion_tokens for r in self.rows))
         return (len(self.rows) + job.rows <= self.max_num_seqs
-                and self.projected_tokens(job) <= self.max_batch_tokens)
+                and self.projected_tokens(job) <= self.max_batch_tokens
+                and self.batch.fits(len(self.rows) + job.rows, job.longest_prompt, remaining))
+
+    def _batch_for(self, job: GenerationJob) -> BatchCache | StaticBatchCache:
+        """The cache an empty batch starts with: the compiled one when the job fits it."""
+        if self.static is not None and self.static.fits(job.rows, job.longest_prompt,
+                                                        job.params.max_new_tokens):
+            return self.static
+        return self.eager
 
     # --- admission: prefill a job and merge its rows -----------------------------------------
 
     def _admit(self, job: GenerationJob) -> None:
         GENERATIONS_STARTED.inc()
         state = JobState(job)
+        if not self.rows:
+            self.batch.clear()
+            self.batch = self._batch_for(job)
         if job.resume is not None:
             # Delivered before the crash: counted first, so a cancel inside the re-prefill
             # still reports them.
@@ -479,26 +566,16 @@ class Engine:
         self._retire_cancelled()
         if not self.rows:
             return
-        model, rows = self.handle.model, self.rows
-        device = self.batch.mask.device
-        columns = self.batch.columns
-        ids = torch.tensor([[r.last_token] for r in rows], device=device)
-        mask = torch.cat([self.batch.mask, torch.ones(len(rows), 1, dtype=torch.long,
-                                                      device=device)], dim=1)
-        positions = torch.tensor([[r.length + r.rope_delta] for r in rows], device=device)
+        rows = self.rows
+        ids = torch.tensor([[r.last_token] for r in rows])
+        positions = torch.tensor([[r.length + r.rope_delta] for r in rows])
         if self.mrope:
             positions = positions.unsqueeze(0).expand(3, -1, -1)
-        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-                  self.cache_arg: self.batch.cache, "use_cache": True}
-        if self.keep_arg:
-            kwargs[self.keep_arg] = 1
         try:
-            logits = model(**kwargs).logits[:, -1].float()
+            logits = self.batch.step(ids, positions)
         except Exception as e:  # noqa: BLE001 - isolate the failure, keep the engine
-            self.batch.truncate(columns)
             self._step_failed(e)
             return
-        self.batch.mask = mask
         plain = [i for i, r in enumerate(rows) if r.sampler.plain]
         picked = torch.argmax(logits[plain], dim=-1).tolist() if plain else []
         chosen = dict(zip(plain, picked))

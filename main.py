@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from engine import Engine
+from engine import CompiledDecode, Engine
 from model import ModelHandle, load_model, served_model_name
 from routes import (cancel_response, cancel_session, chat_completions, compact_response,
                     completions, create_response, delete_response, delete_session, get_session,
@@ -80,6 +80,22 @@ def build_store() -> SessionStore:
                          lock_timeout_seconds=settings.sessions_db_lock_timeout_seconds)
 
 
+def compiled_decode() -> CompiledDecode | None:
+    """The compiled decode step as COMPILE_DECODE and its companions set it (None: off)."""
+    if settings.compile_decode == "false":
+        return None
+    sizes = sorted({int(s) for s in settings.compile_batch_sizes.split(",") if s.strip()})
+    if not sizes:
+        sizes = [1 << i for i in range(settings.max_num_seqs.bit_length())]
+        if sizes[-1] < settings.max_num_seqs:
+            sizes.append(settings.max_num_seqs)
+    return CompiledDecode(
+        max_cache_len=settings.max_cache_len, batch_sizes=sizes,
+        cuda_only=settings.compile_decode == "auto",
+        options={"mode": settings.compile_mode, "backend": settings.compile_backend,
+                 "fullgraph": False, "dynamic": False})
+
+
 async def connect_upstream(handle: ModelHandle, upstream: Upstream,
                            attempts: int | None = None) -> None:
     """Ask the upstream for its model until it answers (every 2 s; `attempts` None: for
@@ -127,7 +143,7 @@ async def lifespan(app: FastAPI):
                                 settings.upstream_retry_seconds)
     else:
         engine = Engine(handle, settings.max_queued_requests, settings.max_num_seqs,
-                        settings.max_batch_tokens)
+                        settings.max_batch_tokens, compiled_decode())
     QUEUE_DEPTH.set_function(lambda: len(engine.waiting))
     RUNNING_SEQUENCES.set_function(lambda: engine.stats()["running"])
     WAITING_SEQUENCES.set_function(lambda: engine.stats()["waiting"])
@@ -146,10 +162,9 @@ async def lifespan(app: FastAPI):
         rt.share(handle, prepare_again)
 
     def load() -> None:
-        load_model(handle)
-        if handle.state == "ready":
-            engine.start()
-        else:
+        # Ready only once the engine runs (and its compiled decode is warm).
+        load_model(handle, before_ready=engine.start)
+        if handle.state != "ready":
             exit_after_model_failure(app, handle)
 
     if upstream is None:

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -255,12 +256,13 @@ def load_embedded_weights(model_cls: Any, config: Any, cached: str) -> Any:
     return model
 
 
-def load_model(handle: ModelHandle) -> None:
+def load_model(handle: ModelHandle, before_ready: Callable[[], None] | None = None) -> None:
     """Load weights, tokenizer and (for vision-language models) processor into `handle`.
 
     Picks the class from the model's config through the Auto mappings, so any causal LM or
-    image-text-to-text model that transformers serves loads the same way. Sets `handle.state`
-    to `ready` or `failed`; never raises.
+    image-text-to-text model that transformers serves loads the same way. `before_ready`
+    runs once everything is set (the engine's start and warm-up), before the state says so.
+    Sets `handle.state` to `ready` or `failed`; never raises.
     """
     started = time.perf_counter()
     try:
@@ -318,6 +320,8 @@ def load_model(handle: ModelHandle) -> None:
                 m for m, attr in (("image", "image_processor"), ("video", "video_processor"))
                 if getattr(handle.processor, attr, None) is not None)
         handle.model = model
+        if before_ready is not None:
+            before_ready()
         handle.load_seconds = time.perf_counter() - started
         handle.state = "ready"
         log.info("model %s ready in %.1f s (%s, %s, device %s)", handle.name, handle.load_seconds,

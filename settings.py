@@ -116,6 +116,21 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(16, ge=1)
     max_batch_tokens: int = Field(65536, ge=16)
     max_request_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+
+    # --- compiled decode (static KV cache + torch.compile; CUDA graphs on a GPU) --------------
+    # "auto": on when the model is on a CUDA device; "true" also on the CPU (inductor's C++
+    # backend, needs a compiler); "false": eager decode over a growing cache (vLLM's
+    # --enforce-eager). Compiling every batch size takes ~30 s each on a GPU, at start.
+    compile_decode: str = Field("auto", pattern="^(auto|true|false)$")
+    # Columns of the static cache, per row: prompt + max_tokens of every row in the compiled
+    # batch must fit (capped at the model's context length); a longer job runs eagerly.
+    max_cache_len: int = Field(4096, ge=16)
+    # Batch sizes compiled (one graph each); a batch runs in the smallest that holds it.
+    # Empty: powers of two up to MAX_NUM_SEQS.
+    compile_batch_sizes: str = Field("", pattern=r"^\s*(\d+\s*(,\s*\d+\s*)*)?$")
+    # torch.compile's mode and backend ("default" mode on a CPU: CUDA graphs need a GPU).
+    compile_mode: str = "reduce-overhead"
+    compile_backend: str = "inductor"
     sse_ping_seconds: float = Field(15.0, gt=0)
 
 

@@ -30,7 +30,7 @@ def cache_of(rows: int, length: int, fill: float, layers: int = 2) -> DynamicCac
 
 
 def test_merge_pads_the_shorter_side_on_the_left_and_keep_trims():
-    b = BatchCache()
+    b = BatchCache(forward=None)
     b.merge(cache_of(1, 3, 1.0), 1, 3)
     b.merge(cache_of(2, 5, 2.0), 2, 5)  # longer: the old row is padded
     assert b.mask.tolist() == [[0, 0, 1, 1, 1], [1] * 5, [1] * 5]
@@ -48,7 +48,7 @@ def test_merge_pads_the_shorter_side_on_the_left_and_keep_trims():
 
 
 def test_truncate_undoes_a_partial_step():
-    b = BatchCache()
+    b = BatchCache(forward=None)
     b.merge(cache_of(2, 4, 1.0), 2, 4)
     b.cache.layers[0].keys = torch.cat([b.cache.layers[0].keys, b.cache.layers[0].keys[:, :, :1]],
                                        dim=2)
