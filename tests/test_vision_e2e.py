@@ -268,6 +268,33 @@ def test_vision_requests_decode_together_as_they_do_alone(vl):
     assert all(u["completion_tokens"] == 12 for _, u in batched)
 
 
+def test_compiled_decode_of_vision_requests_matches_eager(vl, model_dir, tmp_path):
+    """The static cache and dynamo's trace carry M-RoPE positions: images and text decoded
+    together by a server with COMPILE_DECODE give the eager server's answers."""
+    bodies = [ask(image_part(data_url(png(64, 64), "image/png")), max_tokens=12),
+              ask(image_part(data_url(png(160, 96, (10, 200, 10)), "image/png")), max_tokens=12),
+              {**ask(), "messages": [{"role": "user", "content": "Hello there"}],
+               "max_tokens": 12}]
+
+    def run(url, body):
+        with httpx.Client(base_url=url, timeout=120) as c:
+            r = post(c, body)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["message"], r.json()["usage"]
+
+    eager = [run(vl.url, b) for b in bodies]
+    srv = Server(tmp_path, MODEL_REPO_ID=str(model_dir), HF_HUB_OFFLINE="1", LOG_LEVEL="info",
+                 COMPILE_DECODE="true", COMPILE_BACKEND="eager", COMPILE_BATCH_SIZES="1,4",
+                 MAX_CACHE_LEN="2048").start()
+    try:
+        assert "compiled decode ready" in srv.logs()
+        with ThreadPoolExecutor(3) as pool:
+            compiled = list(pool.map(lambda b: run(srv.url, b), bodies))
+    finally:
+        srv.stop()
+    assert compiled == eager
+
+
 # --- thinking -----------------------------------------------------------------------------------
 
 def test_thinking_is_split_in_stream_and_non_stream(http):
