@@ -302,6 +302,11 @@ class Engine:
         if self.thread.is_alive():
             self.thread.join(timeout)
 
+    @property
+    def decode(self) -> str:
+        """`compiled` once the static cache is warm (until then, or without it: `eager`)."""
+        return "compiled" if self.static is not None and self.warmed.is_set() else "eager"
+
     def has_room(self) -> bool:
         return len(self.waiting) < self.max_queued
 

@@ -511,11 +511,14 @@ async def cancel_session(session_id: str, request: Request):
 
 async def health(request: Request):
     """Liveness: always 200 while the process serves. `status` is `degraded` while session
-    writes fail (then /ready and new generations answer 503). No paths or exception texts."""
+    writes fail (then /ready and new generations answer 503); `decode` is `compiled`, `eager`
+    or `upstream`. No paths or exception texts."""
     handle: ModelHandle = request.app.state.model
-    storage_error = runtime_of(request).store.write_error
+    rt = runtime_of(request)
+    storage_error = rt.store.write_error
     return {"status": "degraded" if storage_error else "ok", "model": handle.name,
-            "model_state": handle.state, "storage": "error" if storage_error else "ok"}
+            "model_state": handle.state, "storage": "error" if storage_error else "ok",
+            "decode": rt.engine.decode}
 
 
 async def ready(request: Request):

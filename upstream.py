@@ -445,6 +445,8 @@ class UpstreamEngine:
     503 when it is down), so a refused request never becomes a session.
     """
 
+    decode = "upstream"  # what /health reports
+
     def __init__(self, upstream: Upstream, loop: asyncio.AbstractEventLoop, max_queued: int,
                  max_running: int, retry_seconds: float = 30.0):
         self.upstream, self.loop = upstream, loop

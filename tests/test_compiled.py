@@ -208,6 +208,7 @@ def test_server_with_compiled_decode_answers_as_the_eager_one(server, tmp_path):
                  COMPILE_BATCH_SIZES="1,2", MAX_CACHE_LEN="256", LOG_LEVEL="info").start()
     try:
         assert "compiled decode ready: batch sizes [1, 2], 256 columns" in srv.logs()
+        assert httpx.get(srv.url + "/health").json()["decode"] == "compiled"
         got = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=120).json()
         assert got["choices"][0]["message"] == want["choices"][0]["message"]
         assert got["usage"] == want["usage"]

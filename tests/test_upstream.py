@@ -253,6 +253,7 @@ def test_an_upstream_that_is_down_is_a_503_with_the_reason(tmp_path):
         assert r.status_code == 503 and r.headers["retry-after"]
         assert time.monotonic() - started < 5  # no hang
         assert httpx.get(srv.url + "/v1/models").json()["data"] == []
+        assert httpx.get(srv.url + "/health").json()["decode"] == "upstream"
     finally:
         srv.stop()
 
