@@ -195,7 +195,8 @@ class StaticBatchCache:
     @property
     def columns(self) -> int:
         """Width of the live rows (the oldest row's length): what a joining row pads to."""
-        return self.pos - min(self.starts) if self.starts else 0
+        starts = self.starts  # read once: /metrics reads this while the engine thread works
+        return self.pos - min(starts) if starts else 0
 
     @property
     def rows(self) -> int:
@@ -208,7 +209,8 @@ class StaticBatchCache:
 
     def tokens(self) -> int:
         """Cache entries the live rows span, padding included."""
-        return self.rows * self.columns
+        starts, pos = self.starts, self.pos
+        return len(starts) * (pos - min(starts)) if starts else 0
 
     def clear(self) -> None:
         """Drop every row (the storage stays allocated)."""

@@ -1,13 +1,13 @@
 """The compiled decode step: the static batch cache's bookkeeping (pure tensors), the engine
 over it with the real SmolLM2 (token for token the eager engine's output, through dynamo with
 no graph break and no recompile after warm-up), inductor's compiled step against the eager
-one on a tiny random Llama, and the settings through a real server."""
+one on a tiny random Llama. The settings through a real server: test_vision_e2e (M-RoPE
+positions too)."""
 
 from __future__ import annotations
 
 import threading
 
-import httpx
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -193,24 +193,3 @@ def test_inductor_step_matches_the_eager_step():
             positions = torch.tensor([[5], [3]]) + (token - 9)
             got, want = compiled.step(ids, positions), eager.step(ids, positions)
             assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
-
-
-# --- the settings through a real server --------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_server_with_compiled_decode_answers_as_the_eager_one(server, tmp_path):
-    from conftest import Server
-    body = {"model": "x", "messages": [{"role": "user", "content": "Name a fruit."}],
-            "temperature": 0, "max_tokens": 24}
-    want = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120).json()
-    srv = Server(tmp_path, COMPILE_DECODE="true", COMPILE_BACKEND="eager",
-                 COMPILE_BATCH_SIZES="1,2", MAX_CACHE_LEN="256", LOG_LEVEL="info").start()
-    try:
-        assert "compiled decode ready: batch sizes [1, 2], 256 columns" in srv.logs()
-        assert httpx.get(srv.url + "/health").json()["decode"] == "compiled"
-        got = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=120).json()
-        assert got["choices"][0]["message"] == want["choices"][0]["message"]
-        assert got["usage"] == want["usage"]
-    finally:
-        srv.stop()

@@ -287,7 +287,8 @@ def test_compiled_decode_of_vision_requests_matches_eager(vl, model_dir, tmp_pat
                  COMPILE_DECODE="true", COMPILE_BACKEND="eager", COMPILE_BATCH_SIZES="1,4",
                  MAX_CACHE_LEN="2048").start()
     try:
-        assert "compiled decode ready" in srv.logs()
+        assert "compiled decode ready: batch sizes [1, 4], 2048 columns" in srv.logs()
+        assert httpx.get(srv.url + "/health").json()["decode"] == "compiled"
         with ThreadPoolExecutor(3) as pool:
             compiled = list(pool.map(lambda b: run(srv.url, b), bodies))
     finally:
