@@ -183,12 +183,14 @@ class StaticBatchCache:
     @staticmethod
     def supports(config: Any) -> bool:
         """Whether every layer of this model has a plain full-attention static layer (sliding
-        windows and linear-attention states have other shapes)."""
+        windows and linear-attention states have other shapes), one that writes at its own
+        `cumulative_length` (older transformers took the column from the model instead)."""
         try:
             cache = StaticCache(config=config, max_cache_len=8)
         except Exception:  # noqa: BLE001 - configs the cache classes do not know
             return False
-        return all(type(layer) is StaticLayer for layer in cache.layers)
+        return all(type(layer) is StaticLayer and hasattr(layer, "cumulative_length")
+                   for layer in cache.layers)
 
     # --- the surface BatchCache shares -------------------------------------------------------
 
@@ -272,6 +274,8 @@ class StaticBatchCache:
         """Compile (and on a GPU capture) every batch size now, with idle rows; nothing is
         kept. `mrope`: the model takes (3, rows, 1) positions. Returns the seconds taken."""
         started = time.perf_counter()
+        if self.device.type == "cuda":
+            _cudagraph_thread_state()
         if not self.keys:
             self.allocate_from(self.config)
         for size in self.batch_sizes:
@@ -347,3 +351,18 @@ class StaticBatchCache:
             store[:rows, :, :self.pos - lead] = store[:rows, :, lead:self.pos].clone()
         self.starts = [s - lead for s in self.starts]
         self.pos -= lead
+
+
+def _cudagraph_thread_state() -> None:
+    """Give this thread the state CUDA graph trees keep per thread. torch before the fix of
+    pytorch/pytorch#123177 (PR #184357, 2026) sets it on the importing thread only and
+    asserts in any other; the engine records and replays its graphs on its own thread."""
+    from collections import defaultdict
+    import threading
+
+    from torch._inductor import cudagraph_trees as trees
+    if hasattr(trees.local, "tree_manager_containers") or torch._C._is_key_in_tls(
+            "tree_manager_containers"):
+        return
+    trees.local.tree_manager_containers = {}
+    trees.local.tree_manager_locks = defaultdict(threading.Lock)

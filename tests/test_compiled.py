@@ -118,6 +118,7 @@ def run_alone(eng: Engine, ids: list[int], **kw) -> dict[int, list[int]]:
     return s.by_choice
 
 
+@pytest.mark.slow
 def test_static_decode_is_token_for_token_the_eager_one():
     """Staggered jobs of different lengths share the static batch (rows join, move right for
     a longer prompt, leave), seeded sampling with n=2 among them; a job too long for the
