@@ -242,7 +242,10 @@ class Engine:
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.keep_arg = "logits_to_keep" if "logits_to_keep" in params else None
         self._install_cancel_hooks()
-        self.static = self._static_cache()
+        try:
+            self.static = self._static_cache()
+        except Exception:  # noqa: BLE001 - the compiler's setup must not stop the server
+            log.exception("compiled decode off: it could not be set up")
         self.thread.start()
         self.warmed.wait()  # the compile happens now, not in the first request
 
@@ -273,7 +276,11 @@ class Engine:
         replayed by the thread that recorded them). A failure leaves the eager decode."""
         try:
             if self.static is not None:
-                self.warm_up_seconds = self.static.warm_up(self.mrope)
+                # Storage in the shapes the model really writes: those of a 1-token prefill.
+                one = torch.tensor([[self.handle.pad_token_id or 0]])
+                cache = self._prefill({"input_ids": one, "attention_mask": torch.ones_like(one)})[0]
+                self.static.allocate_like(cache)
+                self.warm_up_seconds = self.static.warm_up(self.mrope, lambda: self.stopping)
                 log.info("compiled decode ready: batch sizes %s, %d columns, %.1f s",
                          self.static.batch_sizes, self.static.max_cache_len,
                          self.warm_up_seconds)
@@ -610,6 +617,10 @@ class Engine:
         oom = isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        if self.batch is self.static and not oom:
+            # A compiled step that fails would fail every later batch too: decode eagerly.
+            log.error("compiled decode step failed; decoding eagerly from now on")
+            self.static = None
         jobs = list(dict.fromkeys(r.job for r in self.rows))
         victims = jobs[-1:] if oom and len(jobs) > 1 else jobs
         log.error("decode step failed (%s); failing %d of %d jobs", type(error).__name__,

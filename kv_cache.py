@@ -35,7 +35,8 @@ class BatchCache:
 
     @property
     def columns(self) -> int:
-        return 0 if self.mask is None else int(self.mask.shape[1])
+        mask = self.mask  # read once: /metrics reads this while the engine thread works
+        return 0 if mask is None else int(mask.shape[1])
 
     @staticmethod
     def _layers(cache: DynamicCache) -> list[DynamicLayer]:
@@ -64,7 +65,8 @@ class BatchCache:
 
     @property
     def rows(self) -> int:
-        return 0 if self.mask is None else int(self.mask.shape[0])
+        mask = self.mask
+        return 0 if mask is None else int(mask.shape[0])
 
     def fits(self, rows: int, width: int, remaining: int) -> bool:
         """Always: the engine's MAX_BATCH_TOKENS budget is the only limit of a growing cache."""
@@ -224,8 +226,11 @@ class StaticBatchCache:
         live rows move right first. Raises RuntimeError past the slots or columns."""
         layers = list(cache.layers)
         if not self.keys:
-            self._allocate(layers[0].keys.shape[1], layers[0].keys.shape[3],
-                           layers[0].values.shape[3], len(layers))
+            self.allocate_like(cache)
+        if len(layers) != len(self.keys) or any(
+                layer.keys.shape[1::2] != store.shape[1::2]
+                for layer, store in zip(layers, self.keys)):
+            raise RuntimeError("a prefilled cache of another shape than the static cache")
         first = self.rows
         if first + rows > self.slots or length >= self.max_cache_len:
             raise RuntimeError("the static cache has no room for these rows")
@@ -268,17 +273,20 @@ class StaticBatchCache:
         logits = self._call(size, input_ids.to(self.device), position_ids.to(self.device),
                             starts)
         self.pos += 1
-        return logits[:rows, -1].float().clone()
+        return logits[:rows, -1].to(torch.float32, copy=True)
 
-    def warm_up(self, mrope: bool = False) -> float:
+    def warm_up(self, mrope: bool = False,
+                stopping: Callable[[], bool] = lambda: False) -> float:
         """Compile (and on a GPU capture) every batch size now, with idle rows; nothing is
-        kept. `mrope`: the model takes (3, rows, 1) positions. Returns the seconds taken."""
+        kept. `mrope`: the model takes (3, rows, 1) positions; `stopping`: asked between
+        sizes, True ends the warm-up early (the server is shutting down). Needs the storage
+        (`allocate_like`). Returns the seconds taken."""
         started = time.perf_counter()
         if self.device.type == "cuda":
             _cudagraph_thread_state()
-        if not self.keys:
-            self.allocate_from(self.config)
         for size in self.batch_sizes:
+            if stopping():
+                break
             ids = torch.zeros(size, 1, dtype=torch.long, device=self.device)
             positions = torch.zeros(size, 1, dtype=torch.long, device=self.device)
             if mrope:
@@ -289,13 +297,13 @@ class StaticBatchCache:
         self.clear()
         return time.perf_counter() - started
 
-    def allocate_from(self, config: Any) -> None:
-        """Allocate the storage from the model config (warm-up runs before any prefill)."""
-        text = config.get_text_config(decoder=True)
-        heads = text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        self._allocate(kv_heads, head_dim, head_dim, text.num_hidden_layers)
+    def allocate_like(self, cache: DynamicCache) -> None:
+        """Allocate the storage in the shapes of a prefilled cache (layers, KV heads, head
+        sizes: what the model really writes, whatever its config says)."""
+        layers = list(cache.layers)
+        first = layers[0]
+        self._allocate(first.keys.shape[1], first.keys.shape[3], first.values.shape[3],
+                       len(layers))
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -329,7 +337,10 @@ class StaticBatchCache:
         self.write_columns.fill_(self.pos)
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
-        return self.compiled(input_ids, mask, position_ids, self.caches[size])
+        # Contiguous: dynamo guards on strides, and warm-up's expanded M-RoPE positions
+        # would otherwise differ from a step's and compile every size a second time.
+        return self.compiled(input_ids.contiguous(), mask, position_ids.contiguous(),
+                             self.caches[size])
 
     def _shift(self, by: int) -> None:
         """Move the live rows `by` columns right (a longer row joins)."""

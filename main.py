@@ -84,7 +84,8 @@ def compiled_decode() -> CompiledDecode | None:
     """The compiled decode step as COMPILE_DECODE and its companions set it (None: off)."""
     if settings.compile_decode == "false":
         return None
-    sizes = sorted({int(s) for s in settings.compile_batch_sizes.split(",") if s.strip()})
+    sizes = sorted({int(s) for s in settings.compile_batch_sizes.split(",")
+                    if s.strip() and int(s) > 0})
     if not sizes:
         sizes = [1 << i for i in range(settings.max_num_seqs.bit_length())]
         if sizes[-1] < settings.max_num_seqs:

@@ -124,7 +124,8 @@ def test_static_decode_is_token_for_token_the_eager_one():
     a longer prompt, leave), seeded sampling with n=2 among them; a job too long for the
     static cache waits and runs eagerly: every choice's tokens are those of the eager engine
     running that job alone. Through dynamo with fullgraph (no graph break), compiled once
-    per batch size at warm-up and never again while serving."""
+    per batch size at warm-up and never again while serving. A compiled step that raises
+    fails its jobs and turns the compiled decode off."""
     from torch._dynamo.utils import counters
 
     eager = start_engine(None)
@@ -156,6 +157,15 @@ def test_static_decode_is_token_for_token_the_eager_one():
         assert counters["stats"]["unique_graphs"] == graphs  # no recompile while serving
         again = run_alone(comp, *cases[0][:1], **cases[0][1])  # the static cache again
         assert again == expected[0] and comp.batch is comp.static
+
+        def broken(*args):
+            raise RuntimeError("a compiled step that fails")
+        comp.static.compiled = broken
+        j, s = job(comp, cases[0][0], **cases[0][1])
+        comp.submit(j)
+        assert s.done.wait(60) and s.final.startswith("failed")
+        assert comp.decode == "eager"  # and it stays so: the next job decodes eagerly
+        assert run_alone(comp, *cases[0][:1], **cases[0][1]) == expected[0]
     finally:
         eager.stop()
         comp.stop()
