@@ -27,7 +27,7 @@ import torch
 from transformers import DynamicCache
 
 from decoding import TextPipeline, ToolCallParser, ToolFormat, token_piece
-from kv_cache import BatchCache, StaticBatchCache
+from kv_cache import BatchCache, CompiledDecode, StaticBatchCache, static_cache_for
 from model import ModelHandle
 from sampling import RowSampler, SamplingParams, row_seed
 from telemetry import (COMPLETION_TOKENS, GENERATIONS_STARTED, INTER_TOKEN_LATENCY,
@@ -183,18 +183,6 @@ class JobState:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class CompiledDecode:
-    """The compiled decode step's configuration (settings COMPILE_*, MAX_CACHE_LEN):
-    `max_cache_len` columns per row of the static cache, the `batch_sizes` compiled, and
-    `options` for `torch.compile` (None: the static cache runs eagerly, for tests)."""
-
-    max_cache_len: int = 4096
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
-    options: dict[str, Any] | None = None
-    cuda_only: bool = False  # COMPILE_DECODE=auto: eager on a CPU
-
-
 class Engine:
     """Owns the model on one thread and decodes all running sequences in one batch per step.
 
@@ -243,33 +231,12 @@ class Engine:
         self.keep_arg = "logits_to_keep" if "logits_to_keep" in params else None
         self._install_cancel_hooks()
         try:
-            self.static = self._static_cache()
+            self.static = static_cache_for(model, self._forward, self.compiled,
+                                           self.max_num_seqs, self.handle.context_length)
         except Exception:  # noqa: BLE001 - the compiler's setup must not stop the server
             log.exception("compiled decode off: it could not be set up")
         self.thread.start()
         self.warmed.wait()  # the compile happens now, not in the first request
-
-    def _static_cache(self) -> StaticBatchCache | None:
-        """The compiled decode's cache, or None (not asked for, or this model cannot)."""
-        if self.compiled is None:
-            return None
-        model, c = self.handle.model, self.compiled
-        if c.cuda_only and model.device.type != "cuda":
-            return None
-        if not StaticBatchCache.supports(model.config):
-            log.warning("compiled decode off: %s has layers a static cache cannot hold",
-                        type(model).__name__)
-            return None
-        if len({p.device for p in model.parameters()}) > 1:
-            log.warning("compiled decode off: the model is split over devices")
-            return None
-        length = min(c.max_cache_len, self.handle.context_length or c.max_cache_len)
-        sizes = [s for s in c.batch_sizes if s <= self.max_num_seqs] or [1]
-        options = c.options
-        if options and model.device.type != "cuda" and options.get("mode") == "reduce-overhead":
-            options = {**options, "mode": None}  # CUDA graphs need CUDA
-        return StaticBatchCache(self._forward, model.config, length, sizes, model.dtype,
-                                model.device, options)
 
     def _warm_up(self) -> None:
         """Compile every batch size of the static cache (on this thread: CUDA graphs are

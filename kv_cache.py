@@ -10,13 +10,17 @@ for every row, and keeps the rows still running; nothing else touches the cache 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import DynamicLayer, StaticLayer
+
+log = logging.getLogger("resumable.kv_cache")
 
 
 class BatchCache:
@@ -138,6 +142,42 @@ def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # The static cache of the compiled decode step
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CompiledDecode:
+    """The compiled decode step's configuration (settings COMPILE_*, MAX_CACHE_LEN):
+    `max_cache_len` columns per row of the static cache, the `batch_sizes` compiled, and
+    `options` for `torch.compile` (None: the static cache runs eagerly, for tests)."""
+
+    max_cache_len: int = 4096
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    options: dict[str, Any] | None = None
+    cuda_only: bool = False  # COMPILE_DECODE=auto: eager on a CPU
+
+
+def static_cache_for(model: Any, forward: Callable[..., torch.Tensor],
+                     compiled: CompiledDecode | None, max_num_seqs: int,
+                     context_length: int | None) -> StaticBatchCache | None:
+    """The compiled decode's cache for `model` (not yet compiled: `warm_up` does it), or
+    None: not asked for, or this model cannot have one (the reason is logged)."""
+    if compiled is None or (compiled.cuda_only and model.device.type != "cuda"):
+        return None
+    if not StaticBatchCache.supports(model.config):
+        log.warning("compiled decode off: %s has layers a static cache cannot hold",
+                    type(model).__name__)
+        return None
+    if len({p.device for p in model.parameters()}) > 1:
+        log.warning("compiled decode off: the model is split over devices")
+        return None
+    length = min(compiled.max_cache_len, context_length or compiled.max_cache_len)
+    sizes = [s for s in compiled.batch_sizes if s <= max_num_seqs] or [1]
+    options = compiled.options
+    if options and model.device.type != "cuda" and options.get("mode") == "reduce-overhead":
+        options = {**options, "mode": None}  # CUDA graphs need CUDA
+    return StaticBatchCache(forward, model.config, length, sizes, model.dtype, model.device,
+                            options)
+
 
 
 class StaticBatchCache:

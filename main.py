@@ -29,7 +29,8 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from engine import CompiledDecode, Engine
+from engine import Engine
+from kv_cache import CompiledDecode
 from model import ModelHandle, load_model, served_model_name
 from routes import (cancel_response, cancel_session, chat_completions, compact_response,
                     completions, create_response, delete_response, delete_session, get_session,

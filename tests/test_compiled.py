@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from engine import CompiledDecode, Engine
-from kv_cache import BatchCache, StaticBatchCache
+from engine import Engine
+from kv_cache import BatchCache, CompiledDecode, StaticBatchCache
 from model import ModelHandle, load_model, served_model_name
 from test_engine import Sink, cache_of, job
 
