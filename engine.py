@@ -300,15 +300,16 @@ class Engine:
     def projected_tokens(self, job: GenerationJob | None = None) -> int:
         """Cache entries the batch will need at its widest if `job` joins now: rows x (current
         width + the longest remaining budget). Every row ends at that column or earlier."""
-        rows = list(self.rows)
-        width, remaining = self.batch.columns, max(
-            (r.job.job.params.max_new_tokens - r.completion_tokens for r in rows), default=0)
-        count = len(rows)
+        width, count = self.batch.columns, len(self.rows)
         if job is not None:
-            width = max(width, job.longest_prompt)
-            remaining = max(remaining, job.params.max_new_tokens)
-            count += job.rows
-        return count * (width + remaining)
+            width, count = max(width, job.longest_prompt), count + job.rows
+        return count * (width + self._remaining(job))
+
+    def _remaining(self, job: GenerationJob | None = None) -> int:
+        """The longest budget of new tokens left to a running row (or to `job`'s rows)."""
+        remaining = max((r.job.job.params.max_new_tokens - r.completion_tokens
+                         for r in list(self.rows)), default=0)
+        return max(remaining, job.params.max_new_tokens) if job is not None else remaining
 
     # --- cancel inside a forward pass --------------------------------------------------------
 
@@ -386,11 +387,10 @@ class Engine:
     def _room_for(self, job: GenerationJob) -> bool:
         if not self.rows:
             return True  # a job too large for the limits runs alone rather than never
-        remaining = max(job.params.max_new_tokens, *(
-            r.job.job.params.max_new_tokens - r.completion_tokens for r in self.rows))
         return (len(self.rows) + job.rows <= self.max_num_seqs
                 and self.projected_tokens(job) <= self.max_batch_tokens
-                and self.batch.fits(len(self.rows) + job.rows, job.longest_prompt, remaining))
+                and self.batch.fits(len(self.rows) + job.rows, job.longest_prompt,
+                                    self._remaining(job)))
 
     def _batch_for(self, job: GenerationJob) -> BatchCache | StaticBatchCache:
         """The cache an empty batch starts with: the compiled one when the job fits it."""

@@ -202,7 +202,6 @@ class StaticBatchCache:
     def __init__(self, forward: Callable[..., torch.Tensor], config: Any, max_cache_len: int,
                  batch_sizes: list[int], dtype: torch.dtype, device: torch.device | str,
                  compile_options: dict[str, Any] | None = None):
-        self.forward = forward
         self.compiled = forward
         if compile_options is not None:
             # One compile per batch size; past dynamo's limit (8) a size would run uncompiled.
@@ -221,6 +220,7 @@ class StaticBatchCache:
         # One write column per layer (transformers' StaticLayer advances its own by one in
         # each forward); all set together before each step.
         self.write_columns = torch.zeros(0, dtype=torch.long)
+        self.column_ids = torch.arange(max_cache_len, device=self.device)  # for the mask
 
     @staticmethod
     def supports(config: Any) -> bool:
@@ -369,7 +369,7 @@ class StaticBatchCache:
 
     def _call(self, size: int, input_ids: torch.Tensor, position_ids: torch.Tensor,
               starts: torch.Tensor) -> torch.Tensor:
-        columns = torch.arange(self.max_cache_len, device=self.device)
+        columns = self.column_ids
         visible = (columns >= starts[:, None]) & (columns <= self.pos)
         # Additive float mask (eager and SDPA attention both take it): 0 or the dtype's min.
         mask = torch.zeros(size, 1, 1, self.max_cache_len, dtype=self.dtype, device=self.device)
@@ -384,24 +384,25 @@ class StaticBatchCache:
 
     def _shift(self, by: int) -> None:
         """Move the live rows `by` columns right (a longer row joins)."""
+        if self.pos + by > self.max_cache_len:
+            raise RuntimeError("the static cache has no room for these rows")
+        self._move(by)
+
+    def _compact(self) -> None:
+        """Move the live rows left to column 0 (the write column reached the end)."""
+        lead = min(self.starts)
+        if lead == 0:
+            raise RuntimeError("the static cache is full")
+        self._move(-lead)
+
+    def _move(self, by: int) -> None:
+        """Move the live rows' columns, and the write column, `by` columns (right if > 0)."""
         if self.starts:
             lead, rows = min(self.starts), self.rows
-            if self.pos + by > self.max_cache_len:
-                raise RuntimeError("the static cache has no room for these rows")
             for store in (*self.keys, *self.values):
                 store[:rows, :, lead + by:self.pos + by] = store[:rows, :, lead:self.pos].clone()
             self.starts = [s + by for s in self.starts]
         self.pos += by
-
-    def _compact(self) -> None:
-        """Move the live rows left to column 0 (the write column reached the end)."""
-        lead, rows = min(self.starts), self.rows
-        if lead == 0:
-            raise RuntimeError("the static cache is full")
-        for store in (*self.keys, *self.values):
-            store[:rows, :, :self.pos - lead] = store[:rows, :, lead:self.pos].clone()
-        self.starts = [s - lead for s in self.starts]
-        self.pos -= lead
 
 
 def _cudagraph_thread_state() -> None:
