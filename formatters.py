@@ -275,7 +275,7 @@ class ChatFormatter:
             content = "".join(fold.texts["content"])
             message = {"role": "assistant",
                        "content": None if fold.tool_calls and not content else content,
-                       "refusal": None}
+                       "refusal": None, "annotations": []}  # as OpenAI's live API sends
             if fold.tool_calls:
                 message["tool_calls"] = copy.deepcopy(fold.tool_calls)
             if any(fold.texts["reasoning"]):
@@ -485,12 +485,14 @@ class ResponsesFormatter:
             "max_tool_calls": r.get("max_tool_calls"),
             "truncation": "disabled", "completed_at": None,
             "service_tier": r.get("service_tier") or "default",
-            "metadata": r.get("metadata") or {}}
-        # Optional strings and usage are left out rather than null: OpenAI's schema types them
-        # as present-and-string (usage: an object), never null.
-        for key in ("user", "safety_identifier", "prompt_cache_key"):
-            if r.get(key) is not None:
-                self.response[key] = r[key]
+            "metadata": r.get("metadata") or {},
+            # Null until known / when not given, as OpenAI's live API sends them and the Open
+            # Responses schema requires them (OpenAI's OpenAPI document, stricter than its own
+            # API, types them as never null).
+            "usage": None, "safety_identifier": r.get("safety_identifier"),
+            "prompt_cache_key": r.get("prompt_cache_key")}
+        if r.get("user") is not None:
+            self.response["user"] = r["user"]
 
     # --- the fold ----------------------------------------------------------------------------
 
@@ -546,10 +548,7 @@ class ResponsesFormatter:
         return data, event_type
 
     def _snapshot(self, status: str, **fields: Any) -> dict[str, Any]:
-        snapshot = {**self.current(), "status": status, **fields}
-        if snapshot.get("usage", 0) is None:
-            del snapshot["usage"]  # not known (yet): absent, never null (OpenAI's schema)
-        return snapshot
+        return {**self.current(), "status": status, **fields}
 
     def created(self) -> list[Out]:
         self.pending = 0

@@ -36,6 +36,7 @@ from routes import (cancel_response, cancel_session, chat_completions, compact_r
                     completions, create_response, delete_response, delete_session, get_session,
                     health, list_models, metrics, playground, ready, response_input_items_route,
                     retrieve_model, retrieve_response, stream_session, validation_error)
+import shutdown
 from prepare import prepare_stored
 from runtime import Runtime, continue_sessions, formatters_for, recover, sweep_loop
 from schemas import APIError, ErrorResponse, error_body, error_response
@@ -176,6 +177,9 @@ async def lifespan(app: FastAPI):
         connecting = (None if handle.state == "ready"  # (answered at the first try)
                       else asyncio.create_task(connect_upstream(handle, upstream)))
     sweeper = asyncio.create_task(sweep_loop(rt))
+    # SIGTERM/Ctrl-C: drain, then end every stream with a notice, then uvicorn's own stop.
+    app.state.shutdown = stopping = shutdown.configured(rt)
+    shutdown.install(stopping)
     try:
         yield
     finally:
@@ -187,12 +191,9 @@ async def lifespan(app: FastAPI):
             connecting.cancel()
         rt.unshare()
         try:
-            # With a durable log, running generations are left to the next start to continue
-            # (a restart is then invisible but for the pause); else they end interrupted.
-            if settings.continue_after_restart and store.event_log is not None:
-                rt.suspend_all()
-            else:
-                rt.interrupt_all()
+            # Done already when a signal ran the stop sequence; here for a stop without one.
+            if not stopping.stopped:
+                await stopping.stop()
         finally:
             try:
                 await asyncio.to_thread(engine.stop)

@@ -7,6 +7,7 @@ state, which the lifespan turns into exit status 1). Nothing here knows HTTP or 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import importlib.util
@@ -329,6 +330,20 @@ def load_model(handle: ModelHandle, before_ready: Callable[[], None] | None = No
     except Exception as e:  # noqa: BLE001 - any load failure must leave a clear state, not a crash
         handle.state, handle.error = "failed", f"{type(e).__name__}: {e}"
         log.exception("model %s failed to load", handle.name)
+
+
+async def wait_ready(handle: ModelHandle, seconds: float,
+                     stop: Callable[[], bool] = lambda: False) -> None:
+    """Wait up to `seconds` for a loading model (a local one: an upstream that does not answer
+    is no reason to hold requests), then `require_ready`. A script's first call right after
+    the server starts then gets its answer instead of 503s its SDK gives up on (the openai
+    SDK retries twice, about 10 s in all, while the first load takes about 20 s). `stop()`
+    true ends the wait early (the server is shutting down)."""
+    deadline = time.monotonic() + seconds
+    while (handle.state == "loading" and handle.upstream is None
+           and time.monotonic() < deadline and not stop()):
+        await asyncio.sleep(0.1)
+    require_ready(handle)
 
 
 def require_ready(handle: ModelHandle) -> None:

@@ -19,8 +19,9 @@ from prometheus_client import REGISTRY
 from prometheus_client.exposition import choose_encoder
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+import shutdown
 from formatters import ChatFormatter, CompletionFormatter, ResponsesFormatter
-from model import ModelHandle, require_ready
+from model import ModelHandle, require_ready, wait_ready
 from prepare import (Prepared, body_digest, check_unicode, prepare_chat, prepare_completion,
                      prepare_response, refuse_unsupported, refuse_unsupported_completion,
                      refuse_unsupported_response)
@@ -134,18 +135,27 @@ def sse_response(rt: Runtime, s: Session, after: int,
                                 f"its last event is {s.id}:{last}", param="Last-Event-ID",
                            code="last_event_id_out_of_range")
         return Response(status_code=204, headers={"X-Session-Id": s.id})
+    if rt.store.stopping:
+        raise shutdown.refusal()
     rt.store.check_available(s, after)
     if after >= 0:
         RESUMES.inc()
 
     async def events() -> AsyncIterator[ServerSentEvent]:
         rt.attach(s)
+        last = after
         try:
             async for ev in rt.store.events(s, after):
                 # sse-starlette frames each event with the event's own `sep`, not the
                 # response's: both must be "\n" for one line ending per stream.
                 yield ServerSentEvent(data=ev.data, id=f"{s.id}:{ev.index}", event=ev.event,
                                       sep="\n")
+                last = ev.index
+            if rt.store.stopping and not s.terminal and not s.deleted:
+                # Cut by a shutdown: an error every client notices, outside the log and
+                # without an id (Last-Event-ID stays at `last`); see shutdown.py.
+                event, data = shutdown.stream_notice(s.kind, s.id, last)
+                yield ServerSentEvent(data=data, event=event, sep="\n")
         except EventsGone as e:
             # Fell behind the ring mid-replay: close; the reconnect is answered 410.
             log.warning("%s", e)
@@ -168,6 +178,12 @@ async def completed_response(rt: Runtime, s: Session, request: Request) -> JSONR
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     raise APIError(499, "client disconnected")
+            if rt.store.stopping and not s.terminal:
+                raise APIError(503, f"the server is shutting down; this generation continues "
+                                    f"when it restarts: send the same request with session_id "
+                                    f"{s.id} again for its answer", type="server_error",
+                               code=shutdown.SHUTTING_DOWN,
+                               headers={"Retry-After": "5", "X-Session-Id": s.id})
     finally:
         rt.detach(s)
     if s.deleted:
@@ -243,6 +259,10 @@ async def run_session(request: Request, body, kind: str, prepare,
     response object at once for a background response, else the finished object.
     """
     rt, handle = runtime_of(request), request.app.state.model
+    if settings.require_model and not body.model:
+        # As OpenAI answers (the name itself is informational: one model is served).
+        raise APIError(400, "Missing required parameter: 'model'.", param="model",
+                       code="missing_required_parameter")
     resume = parse_last_event_id(resume_id)
     session_id = body.session_id
     if resume is not None:
@@ -262,7 +282,13 @@ async def run_session(request: Request, body, kind: str, prepare,
         raise APIError(404, f"session {session_id!r} not found (unknown, deleted or expired)",
                        param="Last-Event-ID", code="session_not_found")
     if existing is None:
-        require_ready(handle)
+        stopping = getattr(request.app.state, "shutdown", None)
+        if stopping is not None and stopping.draining:
+            raise shutdown.refusal()
+        await wait_ready(handle, settings.model_load_wait_seconds,
+                         lambda: stopping is not None and stopping.draining)
+        if stopping is not None and stopping.draining:
+            raise shutdown.refusal()
         require_storage(rt)
         prepared: Prepared = await prepare(raw)
         existing = await rt.session(session_id) if session_id else None  # raced meanwhile?
@@ -526,6 +552,9 @@ async def ready(request: Request):
     answers its /models, checked at most once a second) and session writes work; else 503
     with the reason."""
     handle: ModelHandle = request.app.state.model
+    stopping = getattr(request.app.state, "shutdown", None)
+    if stopping is not None and stopping.draining:
+        raise shutdown.refusal()
     require_ready(handle)
     require_storage(runtime_of(request))
     if handle.upstream is not None:

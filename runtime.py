@@ -57,6 +57,7 @@ class SessionSink:
         self.described: set[int] = set()  # choices whose prompt size was stored here
         self.closed = False
         self.admitted = False  # the engine took the job (until then a cancel ends it here)
+        self.max_new_tokens = 0  # the budget per choice (0: unknown), read by shutdown.py
 
     def _call(self, fn, *args) -> None:
         if self.on_loop:
@@ -214,6 +215,7 @@ class Runtime:
                             prepared.tools, resume, upstream=prepared.upstream)
         job.sink = self.sinks[s.id] = SessionSink(self, s, job.prompt_tokens, resume,
                                                   keep_text=prepared.upstream is not None)
+        job.sink.max_new_tokens = prepared.params.max_new_tokens
         self.engine.submit(job)
         live.last_detached_at = time.monotonic()
         self.arm_disconnect_timer(s)

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     upstream_retry_seconds: float = Field(30.0, ge=0)
 
     # --- generation defaults (a request's own fields win) ------------------------------------
+    # A generation request without `model` is 400, as OpenAI answers; false: accepted, as vLLM
+    # does (the name is informational either way: the server serves one model).
+    require_model: bool = True
     max_tokens: int = Field(1024, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
 
@@ -132,6 +135,15 @@ class Settings(BaseSettings):
     compile_mode: str = "reduce-overhead"
     compile_backend: str = "inductor"
     sse_ping_seconds: float = Field(15.0, gt=0)
+
+    # --- starting and stopping ---------------------------------------------------------------
+    # A generation request that arrives while the model loads waits for it this long, then
+    # answers 503 (as llama-server and vLLM simply do not answer before they are ready).
+    model_load_wait_seconds: float = Field(300.0, ge=0)
+    # On SIGTERM/Ctrl-C, running generations that can finish in this many seconds do so
+    # (meanwhile /ready and new requests answer 503); the rest continue at the next start. Keep
+    # it under the supervisor's kill timeout (docker stop: 10 s; Kubernetes: 30 s).
+    shutdown_drain_seconds: float = Field(5.0, ge=0)
 
 
 # The one instance every module reads (environment and .env as of process start).

@@ -287,6 +287,9 @@ class SessionStore:
         self.ttl_seconds = ttl_seconds
         self.event_log = event_log
         self.sessions: dict[str, Session] = {}
+        # Set once the server stops serving streams (shutdown.py): readers end after the
+        # events there are instead of waiting for more.
+        self.stopping = False
 
     @property
     def shared(self) -> bool:
@@ -334,6 +337,14 @@ class SessionStore:
         """Commit what is queued and close the event log."""
         if self.event_log is not None:
             await self.event_log.close()
+
+    def stop_readers(self) -> None:
+        """End every reader: each `events()` returns once it has yielded what is visible, and
+        `wait_terminal()` returns, whether or not the session ended (the caller tells its clients
+        that the server stops). Used at shutdown, after the last events were committed."""
+        self.stopping = True
+        for s in list(self.sessions.values()):
+            s.wake()
 
     async def flush(self) -> None:
         """Return once every write queued before this call has committed."""
@@ -526,7 +537,7 @@ class SessionStore:
         """Yield the session's events with index > `after`, then (if `follow`) live ones.
 
         Ends after the last event of a terminal session, or when the session is deleted; with
-        `follow=False`, once the visible events are read. Raises EventsGone if the reader falls
+        `follow=False`, or once `stop_readers()` was called, after the visible events. Raises EventsGone if the reader falls
         behind the ring with persistence off.
         """
         i = after + 1
@@ -536,7 +547,8 @@ class SessionStore:
                 async for ev in self._remote_events(s, i):
                     i = ev.index + 1
                     yield ev
-                if s.deleted or (s.terminal and i >= s.next_index) or not follow:
+                if (s.deleted or (s.terminal and i >= s.next_index) or not follow
+                        or self.stopping):
                     return
                 if s.remote:
                     await self.event_log.wait(s.id, i - 1, _REMOTE_POLL_SECONDS)
@@ -557,7 +569,8 @@ class SessionStore:
                         raise EventsGone(s.id, i, ev.index)
                     i += 1
                     yield ev
-            if s.deleted or (s.terminal and i >= s.next_index) or not follow:
+            if (s.deleted or (s.terminal and i >= s.next_index) or not follow
+                    or (self.stopping and i >= s.visible)):
                 return
             if s.remote:
                 continue  # disowned while waiting
@@ -574,8 +587,11 @@ class SessionStore:
                 yield ev
 
     async def wait_terminal(self, s: Session) -> None:
-        """Return once `s` is terminal with every event visible, or deleted."""
+        """Return once `s` is terminal with every event visible, or deleted, or the store
+        stops its readers."""
         while not (s.terminal and s.visible >= s.next_index) and not s.deleted:
+            if self.stopping:
+                return
             if s.remote:
                 await self.event_log.wait(s.id, s.next_index - 1, _REMOTE_POLL_SECONDS)
                 await self.lookup(s.id)

@@ -42,8 +42,10 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / f"server-{self.port}.log"
+        # REQUIRE_MODEL=false: most tests' bodies leave out `model` (it is informational);
+        # tests of the default (test_compliance, test_newcomer) set it back.
         self.env = {**os.environ, "SESSIONS_DB_PATH": str(tmp / "sessions.db"),
-                    "LOG_LEVEL": "info", **env}
+                    "LOG_LEVEL": "info", "REQUIRE_MODEL": "false", **env}
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 180, until: str = "/ready") -> "Server":

@@ -96,21 +96,26 @@ def check_chunks(chunks: list[dict], contract_finish: bool = False) -> None:
 
 RESPONSE_SCHEMAS = (("openai-responses", "Response"), ("openresponses", "ResponseResource"))
 
-# Where the two specs' Response objects contradict each other, OpenAI's wins (module docstring):
-# - Open Responses requires these fields (null allowed); OpenAI's Response has them optional and
-#   never null (ResponseUsage is an object; safety_identifier and prompt_cache_key are strings).
-#   A server without a value omits them, as OpenAI's spec asks, so for the Open Responses check
-#   an absent one counts as null.
-OPENRESPONSES_NULL_WHEN_ABSENT = ("usage", "safety_identifier", "prompt_cache_key")
+# Where the two specs' Response objects contradict each other, the live API and Open Responses
+# win (issue 25):
+# - Open Responses requires these fields (null allowed) and OpenAI's live API sends them as
+#   null until known; OpenAI's OpenAPI document has them optional and never null. For the
+#   OpenAI check a null one counts as absent.
+NULL_UNTIL_KNOWN = ("usage", "safety_identifier", "prompt_cache_key")
+
+
+def openai_view(resp):
+    """The copy of a Response object that is validated against OpenAI's document (see above)."""
+    if not isinstance(resp, dict):
+        return resp
+    return {k: v for k, v in resp.items() if not (k in NULL_UNTIL_KNOWN and v is None)}
 
 
 def openresponses_view(resp):
-    """The copy of a Response object that is validated against Open Responses (see above)."""
+    """The copy of a Response object that is validated against Open Responses."""
     if not isinstance(resp, dict):
         return resp
     out = copy.deepcopy(resp)
-    for key in OPENRESPONSES_NULL_WHEN_ABSENT:
-        out.setdefault(key, None)
     fmt = (out.get("text") or {}).get("format") if isinstance(out.get("text"), dict) else None
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
         # Open Responses' JsonSchemaResponseFormat types `schema` as null and requires
@@ -125,7 +130,8 @@ def response_problems(obj) -> list[str]:
     """What each spec's Response schema rejects in `obj` (OpenAI's first)."""
     out = []
     for spec, name in RESPONSE_SCHEMAS:
-        errs = errors(openresponses_view(obj) if spec == "openresponses" else obj, name, spec)
+        errs = errors(openresponses_view(obj) if spec == "openresponses" else openai_view(obj),
+                      name, spec)
         if errs:
             out.append(f"{spec} schema {name} rejects the object:\n" + "\n".join(errs))
     return out
@@ -171,8 +177,9 @@ def event_problems(ev: dict) -> list[str]:
                        f"spec does not list among its streaming events")
             continue
         checked = ev
-        if spec == "openresponses" and "response" in ev:  # see OPENRESPONSES_NULL_WHEN_ABSENT
-            checked = {**ev, "response": openresponses_view(ev["response"])}
+        if "response" in ev:  # see NULL_UNTIL_KNOWN
+            view = openresponses_view if spec == "openresponses" else openai_view
+            checked = {**ev, "response": view(ev["response"])}
         errs = errors(checked, table[event_type], spec)
         if errs:
             out.append(f"{spec} schema {table[event_type]} rejects the event:\n" + "\n".join(errs))
