@@ -9,6 +9,13 @@ the wire formats, store.py the event log. The wire contract is docs/wire-contrac
 
 from __future__ import annotations
 
+if __name__ == "__main__":
+    # `python main.py ...`: the flags first, without the imports below (torch takes ~10 s);
+    # uvicorn then imports this file afresh as `main`.
+    from cli import cli
+    cli()
+    raise SystemExit(0)
+
 import asyncio
 import logging
 import os
@@ -25,7 +32,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
@@ -41,7 +47,7 @@ from prepare import prepare_stored
 from runtime import Runtime, continue_sessions, formatters_for, recover, sweep_loop
 from schemas import APIError, ErrorResponse, error_body, error_response
 from security import APIKeyMiddleware, BodyLimitMiddleware, HostCheckMiddleware, split_list
-from settings import reload_settings, settings
+from settings import settings
 from store import EventsGone, SessionStore, StoreLocked, StoreOpenError
 from store_sqlite import session_store
 from telemetry import (KV_CACHE_USAGE, QUEUE_DEPTH, REQUEST_ID, RUNNING_SEQUENCES,
@@ -64,6 +70,32 @@ def exit_after_model_failure(app: FastAPI, handle: ModelHandle) -> None:
     log.error("the model could not be loaded, so the server stops: %s", handle.error)
     app.state.exit_code = 1
     signal.raise_signal(signal.SIGTERM)
+
+
+def asgi_server() -> Any:
+    """uvicorn's Server running this app, if it is (its SIGTERM handler is a bound method of
+    it, which is how sse-starlette finds it too); None under another server or in a thread."""
+    try:
+        return getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    except ValueError:
+        return None
+
+
+def say_where(server: Any) -> None:
+    """Once the model is ready, one line with the URLs to open: the API and the playground
+    (the port as bound: `--port 0` included; an unspecified address shown as 127.0.0.1)."""
+    base = None
+    try:
+        sock = server.servers[0].sockets[0].getsockname()
+        host = server.config.host if server.config.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        host = f"[{host}]" if ":" in host else host
+        base = f"http://{host}:{sock[1]}{server.config.root_path}"
+    except (AttributeError, IndexError, TypeError):
+        pass
+    if base is None:
+        log.info("ready: the API is at /v1 on this server, the playground at /")
+    else:
+        log.info("ready: the API is at %s/v1, the playground at %s/", base, base)
 
 
 def build_store() -> SessionStore:
@@ -164,11 +196,15 @@ async def lifespan(app: FastAPI):
     if store.shared:  # other replicas' sessions whose owner died are taken over
         rt.share(handle, prepare_again)
 
+    server = asgi_server()  # (before shutdown.install replaces the handler it is read from)
+
     def load() -> None:
         # Ready only once the engine runs (and its compiled decode is warm).
         load_model(handle, before_ready=engine.start)
         if handle.state != "ready":
             exit_after_model_failure(app, handle)
+        else:
+            say_where(server)
 
     if upstream is None:
         threading.Thread(target=load, name="model-loader", daemon=True).start()
@@ -343,75 +379,3 @@ def create_app() -> FastAPI:
 
 
 app = create_app()
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI: python main.py --model --host --port
-# ---------------------------------------------------------------------------------------------
-
-
-# vLLM's `vllm serve` flags that mean the same here, and the setting each one sets.
-CLI_FLAGS = {
-    "--model": ("MODEL_REPO_ID", "Hugging Face id or local directory; default: the embedded "
-                                 "SmolLM2-135M-Instruct"),
-    "--served-model-name": ("SERVED_MODEL_NAME", "the model name clients see"),
-    "--api-key": ("API_KEYS", "API key(s), comma-separated; clients send Bearer <key>"),
-    "--dtype": ("TORCH_DTYPE", "auto, bfloat16, float16 or float32"),
-    "--max-num-seqs": ("MAX_NUM_SEQS", "sequences decoded together"),
-    "--allowed-origins": ("CORS_ALLOW_ORIGINS", "CORS origins, comma-separated ('*': any)"),
-    "--log-format": ("LOG_FORMAT", "text or json"),
-}
-
-
-def cli(argv: list[str] | None = None) -> None:
-    """`python main.py [MODEL] [--model X] [--host H] [--port P] [...]`: the flags a vLLM user
-    reaches for (`vllm serve MODEL --host --port --api-key ...`), each setting the environment
-    variable of the same setting (CLI_FLAGS), then uvicorn. A flag wins over the environment.
-
-    uvicorn imports `main:app` afresh (this file runs as `__main__`): the flags reach it through
-    the environment and the settings instance read again; metrics live in telemetry.py so the
-    second import does not register them twice.
-    """
-    import argparse
-    import json
-
-    import uvicorn
-
-    parser = argparse.ArgumentParser(prog="python main.py", description=__doc__.split("\n")[0])
-    parser.add_argument("model_positional", nargs="?", metavar="MODEL",
-                        help="same as --model (as in `vllm serve MODEL`)")
-    for flag, (env, help) in CLI_FLAGS.items():
-        parser.add_argument(flag, help=f"{help} ({env})")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="run the model repository's own code (TRUST_REMOTE_CODE)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=settings.port, help="port (PORT, default 8000)")
-    parser.add_argument("--root-path", default="", help="path prefix behind a proxy (uvicorn)")
-    args = parser.parse_args(argv)
-    if args.model_positional and args.model and args.model_positional != args.model:
-        parser.error("give the model once: positionally or with --model")
-    args.model = args.model or args.model_positional
-    for flag, (env, _) in CLI_FLAGS.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None and value.startswith("["):  # vLLM takes '["*"]'; we take *,...
-            try:
-                value = ",".join(json.loads(value))
-            except (ValueError, TypeError):
-                parser.error(f"{flag}: not a JSON list of strings: {value}")
-        if value is not None:
-            os.environ[env] = value
-    if args.trust_remote_code:
-        os.environ["TRUST_REMOTE_CODE"] = "true"
-    # uvicorn's import of `main` finds settings.py already imported (by this __main__), so
-    # the flags reach it only through the one settings instance, read again here.
-    try:
-        reload_settings()
-    except ValidationError as e:
-        parser.error("; ".join(f"{'.'.join(map(str, err['loc'])).upper()}: {err['msg']}"
-                               for err in e.errors()))
-    uvicorn.run("main:app", host=args.host, port=args.port, root_path=args.root_path,
-                log_level=settings.log_level.lower())
-
-
-if __name__ == "__main__":
-    cli()

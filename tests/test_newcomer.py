@@ -54,7 +54,8 @@ def test_python_main_py_serves_and_ctrl_c_shuts_down_cleanly(tmp_path):
             assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["smol"]
             assert httpx.get(url + "/v1/models").status_code == 401
             _, seen = read_events(http, "POST", "/v1/chat/completions", limit=5,
-                                  json={**LONG, "stream": True, "session_id": "ctrl-c"})
+                                  json={**LONG, "model": "smol", "stream": True,
+                                        "session_id": "ctrl-c"})
             assert len(seen) == 5
         # The generation goes on without its client; Ctrl-C arrives in the middle of it.
         proc.send_signal(signal.SIGINT)
