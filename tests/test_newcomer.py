@@ -65,6 +65,9 @@ def test_python_main_py_serves_and_ctrl_c_shuts_down_cleanly(tmp_path):
             proc.kill()
     text = "".join(out)
     assert "terminate called" not in text and "Traceback" not in text, text[-3000:]
+    # Once the model is ready, one line says where to go (the port as bound).
+    assert f"ready: the API is at http://127.0.0.1:{port}/v1, the playground at " \
+           f"http://127.0.0.1:{port}/" in text, text[-3000:]
     with sqlite3.connect(db) as conn:
         state, reason = conn.execute(
             "SELECT state, finish_reason FROM sessions WHERE id='ctrl-c'").fetchone()
