@@ -67,7 +67,7 @@ def exit_after_model_failure(app: FastAPI, handle: ModelHandle) -> None:
     """A model that cannot load is no reason to retry: say why, then stop the server (through
     its own signal handling, so sessions are closed as on Ctrl-C) and exit with status 1, as
     vLLM does. A supervisor restarts it or alerts; clients are not kept waiting on 503s."""
-    log.error("the model could not be loaded, so the server stops: %s", handle.error)
+    log.error("model %s could not be loaded, so the server stops: %s", handle.name, handle.error)
     app.state.exit_code = 1
     signal.raise_signal(signal.SIGTERM)
 
@@ -96,6 +96,32 @@ def say_where(server: Any) -> None:
         log.info("ready: the API is at /v1 on this server, the playground at /")
     else:
         log.info("ready: the API is at %s/v1, the playground at %s/", base, base)
+
+
+class StartupFailureLine:
+    """ASGI wrapper: a startup failure whose reason is the user's to fix (a database another
+    server holds, a file that is no database) reaches the server's log as its one line.
+
+    Starlette reports any exception raised in the lifespan as `lifespan.startup.failed` with
+    the formatted traceback as its `message`, which uvicorn logs as it is (the ASGI lifespan
+    spec: https://asgi.readthedocs.io/en/latest/specs/lifespan.html); the lifespan leaves the
+    reason in `app.state.startup_failure` and this swaps it in. Other failures keep theirs.
+    """
+
+    def __init__(self, app: Any, state: Any):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "lifespan":
+            return await self.app(scope, receive, send)
+
+        async def reporting(message):
+            reason = getattr(self.state, "startup_failure", None)
+            if message.get("type") == "lifespan.startup.failed" and reason:
+                message = {**message, "message": reason}
+            await send(message)
+
+        return await self.app(scope, receive, reporting)
 
 
 def build_store() -> SessionStore:
@@ -163,8 +189,9 @@ async def lifespan(app: FastAPI):
     try:
         unfinished = await store.open()
     except (StoreLocked, StoreOpenError) as e:
-        # Raised out of the lifespan, uvicorn logs "Application startup failed" and exits 3.
-        log.error("%s", e)
+        # Raised out of the lifespan, uvicorn logs "Application startup failed" and exits 3;
+        # StartupFailureLine makes what it logs before that this one line, not a traceback.
+        app.state.startup_failure = str(e)
         raise
     upstream = None
     if settings.upstream_url:
@@ -374,7 +401,8 @@ def create_app() -> FastAPI:
                                           "x-request-id"],
                            expose_headers=["X-Session-Id", "X-Request-Id"], max_age=600)
     app.add_middleware(HostCheckMiddleware, allowed=split_list(settings.allowed_hosts))
-    app.add_middleware(AccessLogMiddleware)  # outermost: every answer has a request id and a log
+    app.add_middleware(AccessLogMiddleware)  # every answer has a request id and a log
+    app.add_middleware(StartupFailureLine, state=app.state)  # (lifespan messages only)
     return app
 
 

@@ -266,6 +266,9 @@ def load_model(handle: ModelHandle, before_ready: Callable[[], None] | None = No
     Sets `handle.state` to `ready` or `failed`; never raises.
     """
     started = time.perf_counter()
+    # huggingface_hub logs each of its five connection retries (about 23 s) as two warnings;
+    # the outcome is what the user needs, said once below.
+    logging.getLogger("huggingface_hub.utils._http").setLevel(logging.ERROR)
     try:
         common: dict[str, Any] = {"trust_remote_code": settings.trust_remote_code}
         if settings.hf_token:
@@ -327,6 +330,12 @@ def load_model(handle: ModelHandle, before_ready: Callable[[], None] | None = No
         handle.state = "ready"
         log.info("model %s ready in %.1f s (%s, %s, device %s)", handle.name, handle.load_seconds,
                  type(model).__name__, model.dtype, model.device)
+    except OSError as e:
+        # transformers' way of saying "no such model here or on the hub" (a wrong MODEL_REPO_ID,
+        # no network, a missing file): the reason is the user's to fix, and a traceback of
+        # chained hub errors above it only hides it. The whole chain stays at DEBUG.
+        handle.state, handle.error = "failed", str(e).strip().splitlines()[0]
+        log.debug("model %s failed to load", handle.name, exc_info=True)
     except Exception as e:  # noqa: BLE001 - any load failure must leave a clear state, not a crash
         handle.state, handle.error = "failed", f"{type(e).__name__}: {e}"
         log.exception("model %s failed to load", handle.name)

@@ -52,9 +52,30 @@ def test_second_process_on_the_same_database_refuses_to_start(ops):
                                       "SESSIONS_DB_LOCK_TIMEOUT_SECONDS": "1"})
     assert code != 0
     assert "another" in out and str(ops.db) in out
+    assert "Traceback" not in out  # the reason as one line (StartupFailureLine)
     assert took < 30
     # The first server never noticed.
     assert httpx.get(ops.url + "/ready", timeout=10).status_code == 200
+
+
+def test_sdk_call_right_after_start_waits_for_the_model(tmp_path):
+    """A script's first call while the model still loads gets its answer, not a 503 (issue
+    25): the request waits up to MODEL_LOAD_WAIT_SECONDS; /ready says 503 meanwhile."""
+    from openai import OpenAI
+
+    server = Server(tmp_path, SESSIONS_DB_PATH=str(tmp_path / "s.db"))
+    server.start(until="/health")  # listening; the model loads in its thread
+    try:
+        assert httpx.get(server.url + "/ready", timeout=10).status_code == 503
+        client = OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        started = time.monotonic()
+        r = client.chat.completions.create(model="smol", messages=QUESTION, max_tokens=5,
+                                           temperature=0)
+        assert r.choices[0].message.content and r.usage.completion_tokens > 0
+        assert time.monotonic() - started < 120
+        assert httpx.get(server.url + "/ready", timeout=10).status_code == 200
+    finally:
+        server.stop()
 
 
 def test_corrupt_database_exits_promptly(tmp_path):
@@ -62,7 +83,7 @@ def test_corrupt_database_exits_promptly(tmp_path):
     db.write_bytes(b"this is not a database" * 1000)
     code, out, took = run_until_exit({"SESSIONS_DB_PATH": str(db)})
     assert code != 0 and took < 30
-    assert "cannot open session database" in out
+    assert "cannot open session database" in out and "Traceback" not in out
 
 
 def test_model_that_cannot_load_exits_non_zero(tmp_path):
@@ -70,6 +91,8 @@ def test_model_that_cannot_load_exits_non_zero(tmp_path):
                                       "MODEL_REPO_ID": str(tmp_path / "no-such-model")})
     assert code == 1 and took < 60
     assert "could not be loaded" in out
+    # One clear line: no chained tracebacks of hub errors above it.
+    assert "Traceback" not in out and "direct cause" not in out
 
 
 # --- the disk stops taking writes -------------------------------------------------------------
