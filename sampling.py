@@ -270,6 +270,7 @@ class RowSampler:
             sorted_probs, order = torch.sort(probs, descending=True)
             # keep the smallest set whose mass reaches top_p (the top token always stays)
             drop = (torch.cumsum(sorted_probs, 0) - sorted_probs) >= p.top_p
+            drop[0] = False  # (a top_p that rounds to 0 in the logits' dtype would drop it)
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         if p.min_p:
@@ -280,6 +281,12 @@ class RowSampler:
         # token k then depends on nothing but k, so a generation continued after a crash
         # (prompt + k tokens re-prefilled) draws exactly what the first run would have.
         self.generator.manual_seed(token_seed(self.seed, self.generated))
+        total = float(probs.sum())
+        if not math.isfinite(total) or total <= 0.0:
+            # Extreme settings (repetition_penalty 1e-300: scores overflow to inf, softmax
+            # to NaN) leave no distribution to draw from; the most likely token is what
+            # they tend to, and torch.multinomial would raise instead.
+            return int(torch.nan_to_num(scores, nan=-math.inf).argmax())
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
     def _entry(self, raw: torch.Tensor, token: int) -> dict[str, Any]:

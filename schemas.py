@@ -104,8 +104,10 @@ class OpenAISampling(Sampling):
     @classmethod
     def _bias_range(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (v or {}).items():
-            if not re.fullmatch(r"-?[0-9]+", key):
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            # (at most 18 digits: a token id; a longer one would also hit int()'s digit limit)
+            if not re.fullmatch(r"-?[0-9]{1,18}", key):
+                shown = key if len(key) <= 40 else key[:40] + "..."
+                raise ValueError(f"logit_bias keys must be token ids, got {shown!r}")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
         return v

@@ -320,6 +320,7 @@ BAD_REQUESTS = [
     ({"messages": QUESTION, "session_id": "bad id!"}, 400, "session_id"),
     ({"messages": QUESTION, "logit_bias": {"999999999": 1}}, 400, "logit_bias"),
     ({"messages": QUESTION, "logit_bias": {"\u00b2": 1}}, 400, "logit_bias"),
+    ({"messages": QUESTION, "logit_bias": {"9" * 5000: 1}}, 400, "logit_bias"),  # (int() limit)
     ({"messages": QUESTION, "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url",
                                                   "image_url": {"url": "data:,x"}}]}]},

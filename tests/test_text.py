@@ -126,6 +126,15 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert {s(logits)[0] for _ in range(200)} == {0, 1}
 
 
+def test_extreme_settings_draw_the_most_likely_token_instead_of_raising():
+    """top_p that is 0 in float32 and a repetition penalty that overflows the scores leave
+    torch.multinomial nothing to draw from (issue 26: a 500); the top token is drawn."""
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.0])
+    assert sampler(temperature=1.0, top_p=5e-324, seed=0)(logits)[0] == 1
+    s = sampler(temperature=1.0, repetition_penalty=1e-300, seed=0)
+    assert s(torch.tensor([0.5, 3.0, 1.0, 2.0, -1.0, 0.1, 0.0, 0.0, 0.0, 0.0]))[0] in range(10)
+
+
 @pytest.mark.parametrize("value,expected", [
     ("abc:0", ("abc", 0)), ("a-b_C9:12", ("a-b_C9", 12)), (None, None), ("", None)])
 def test_parse_last_event_id(value, expected):
