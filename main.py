@@ -48,7 +48,7 @@ from runtime import Runtime, continue_sessions, formatters_for, recover, sweep_l
 from schemas import APIError, ErrorResponse, error_body, error_response
 from security import APIKeyMiddleware, BodyLimitMiddleware, HostCheckMiddleware, split_list
 from settings import settings
-from store import EventsGone, SessionStore, StoreLocked, StoreOpenError
+from store import EventsGone, SessionStore, StoreLocked, StoreOpenError, StoreUnavailable
 from store_sqlite import session_store
 from telemetry import (KV_CACHE_USAGE, QUEUE_DEPTH, REQUEST_ID, RUNNING_SEQUENCES,
                        WAITING_SEQUENCES, AccessLogMiddleware, configure_logging)
@@ -346,6 +346,13 @@ def create_app() -> FastAPI:
     @app.exception_handler(EventsGone)
     async def _gone(request: Request, e: EventsGone):
         return error_response(APIError(410, str(e), param="Last-Event-ID", code="events_gone"))
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_down(request: Request, e: StoreUnavailable):
+        # A shared log that cannot be read (a Redis outage): a retry can succeed, so 503.
+        return error_response(APIError(503, f"session storage is unavailable: {e}",
+                                       code="storage_unavailable",
+                                       headers={"Retry-After": "5"}))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):

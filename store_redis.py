@@ -294,8 +294,13 @@ class RedisEventLog(WriteQueue):
     async def load(self, session_id: str) -> StoredRow | None:
         """The stored session, or None if there is none; unreadable fields -> `damaged`.
 
-        Raises RedisError if Redis cannot be read."""
-        h = await self._r.hgetall(self._key("s:", session_id))
+        Raises StoreUnavailable (no address in its message: it reaches clients) if Redis cannot
+        be read; the cause, with the address, goes to the log."""
+        try:
+            h = await self._r.hgetall(self._key("s:", session_id))
+        except (RedisError, OSError) as e:
+            log.warning("session %s: Redis at %s cannot be read: %s", session_id, self.db_path, e)
+            raise StoreUnavailable("the shared session store (Redis) cannot be read") from e
         if not h:
             return None
         row = (session_id, h.get("kind"), h.get("model"), _number(h.get("created")),

@@ -428,6 +428,11 @@ def test_writes_fail_while_redis_is_down_and_resume_after(tmp_path, prefix):
         with pytest.raises(StoreUnavailable):  # at once while commits fail
             await store.check_writable(5)
         assert s.visible == 1  # never shown before it is stored
+        # Another replica's session cannot be looked up: StoreUnavailable (the app's 503
+        # storage_unavailable, issue 26), not a RedisError (a 500); no address for clients.
+        with pytest.raises(StoreUnavailable) as e:
+            await store.lookup("elsewhere")
+        assert "127.0.0.1" not in str(e.value)
         proc = start_server(tmp_path, "--port", str(port), "--bind", "127.0.0.1")
         await asyncio.wait_for(store.flush(), 10)
         assert store.write_error is None and s.visible == 2
