@@ -322,6 +322,19 @@ def error_body(status: int, message: str, type: str | None = None, param: str | 
                       "param": param, "code": code}}
 
 
+# URLs and host:port pairs: where the server's Redis or upstream lives is the operator's business,
+# not a client's (the log has them).
+ADDRESS = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s,;()'\"]+|\[[0-9a-fA-F:]+\](?::\d{1,5})?"
+                     r"|\b[\w-]+(?:\.[\w-]+)*:\d{2,5}\b", re.IGNORECASE)
+
+
+def without_addresses(message: str) -> str:
+    """`message` with every URL and host:port replaced by a placeholder."""
+    return ADDRESS.sub("(address in the server log)", message)
+
+
 def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(error_body(e.status, e.message, e.type, e.param, e.code),
+    """The OpenAI error body for `e`; a 5xx message is told without internal addresses."""
+    message = without_addresses(e.message) if e.status >= 500 else e.message
+    return JSONResponse(error_body(e.status, message, e.type, e.param, e.code),
                         status_code=e.status, headers=e.headers)
