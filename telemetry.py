@@ -118,6 +118,25 @@ def configure_logging(level: str, log_format: str = "text") -> None:
         AccessLogMiddleware.level = logging.DEBUG
     handler.addFilter(RequestIdFilter(tag=log_format != "json"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    # aiosqlite logs every statement with its parameters at DEBUG: prompts and outputs would
+    # reach the log, which never gets them (LOG_LEVEL=debug included).
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)
+    # uvicorn's access line carries the query string (`?last_event_id=`, a mistaken
+    # `?api_key=`): logged without it, as our own access line is.
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, WithoutQuery) for f in access.filters):
+        access.addFilter(WithoutQuery())
+
+
+class WithoutQuery(logging.Filter):
+    """Drops the query string from uvicorn's access records (args: client, method, path with
+    query, HTTP version, status)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
+            record.args = args[:2] + (args[2].split("?", 1)[0],) + args[3:]
+        return True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,11 @@ def app():
     async def boom():
         raise RuntimeError("secret internals /srv/models")
 
+    @app.get("/v1/store-down")
+    async def store_down():
+        from store import StoreUnavailable
+        raise StoreUnavailable("Redis redis://10.1.2.3:6379/0 cannot be read")
+
     return app
 
 
@@ -78,3 +83,36 @@ def test_text_and_json_lines_carry_the_request_id():
             assert "request_tag" not in json.loads(inside)
     telemetry.configure_logging("info", "text")
     logging.captureWarnings(False)  # json mode turned it on for the whole process
+
+
+def test_a_shared_store_that_cannot_be_read_is_a_503_without_its_address(app):
+    r = TestClient(app).get("/v1/store-down")
+    assert r.status_code == 503 and r.headers["retry-after"]
+    assert r.json()["error"]["code"] == "storage_unavailable"
+    assert "10.1.2.3" not in r.text and "redis://" not in r.text
+
+
+def test_debug_logs_keep_sql_parameters_and_query_strings_out():
+    import io
+
+    import telemetry
+    stream = io.StringIO()
+    telemetry.configure_logging("debug", "text")
+    try:
+        logging.getLogger().handlers[0].setStream(stream)
+        logging.getLogger("aiosqlite").debug("executing %s with %s", "INSERT", "a secret prompt")
+        # As uvicorn sets it up in text mode: its own handler, no propagation (json mode, run by
+        # an earlier test in this process, disables the logger).
+        access = logging.getLogger("uvicorn.access")
+        access.disabled, access.propagate = False, False
+        access.addHandler(own := logging.StreamHandler(stream))
+        access.info(
+            '%s - "%s %s HTTP/%s" %d', "127.0.0.1:5", "GET",
+            "/v1/sessions/s/stream?last_event_id=s:3&api_key=sk-secret", "1.1", 200)
+        out = stream.getvalue()
+        assert "a secret prompt" not in out and "sk-secret" not in out
+        assert "GET /v1/sessions/s/stream HTTP/1.1" in out
+    finally:
+        access.removeHandler(own)
+        access.propagate = True
+        telemetry.configure_logging("info", "text")
